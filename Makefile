@@ -1,0 +1,32 @@
+# Both targets set themselves up: a virtual environment in $(VENV) with the project installed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# The pinned torch builds are the ones this project is tested with (x86_64: CUDA build; aarch64: CPU build).
+ifeq ($(ARCH),aarch64)
+TORCH := torch==2.9.1 torchvision==0.24.1
+else
+TORCH := torch==2.14.1 torchvision==0.29.1
+endif
+DEMO_DIR ?= invcache-runs/demo
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/invcache synthetic --out $(DEMO_DIR)/coco --split val2017 --images 8
+	$(VENV)/bin/invcache taps --model detr-tiny --weights random:0 --coco-root $(DEMO_DIR)/coco --split val2017 --size 240x320 --images 4 --layers all,backbone.c5
+
+clean:
+	rm -rf $(VENV) invcache-runs

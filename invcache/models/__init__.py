@@ -1,0 +1,31 @@
+"""DETR with named taps: configs, construction and weights."""
+
+from __future__ import annotations
+
+import torch
+
+from invcache.models.config import CONFIGS, DetrConfig, get_config
+from invcache.models.detr import DETR
+from invcache.models.weights import load_weights, read_checkpoint, weights_sha256
+
+
+def build_detr(name: str = "detr-r50", weights: str = "official", device: str | torch.device = "cpu") -> DETR:
+    """A frozen DETR in eval mode, e.g. ``build_detr("detr-tiny", "random:0")``.
+
+    ``weights``: ``official``, ``random[:SEED]``, or the path of an official or HF checkpoint.
+    ``model.fingerprint`` identifies config and weights; caches record it.
+    """
+    config = get_config(name)
+    model = DETR(config)
+    source = load_weights(model, weights)
+    model.requires_grad_(False).eval()
+    model.fingerprint = {
+        "model": config.name,
+        "config": config.to_dict(),
+        "weights": source,
+        "weights_sha256": weights_sha256(model),
+    }
+    return model.to(device)
+
+
+__all__ = ["CONFIGS", "DETR", "DetrConfig", "build_detr", "get_config", "read_checkpoint"]

@@ -1,0 +1,183 @@
+"""Where DETR's weights come from: official checkpoints, HF checkpoints, the published files, or a seed.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors, never with
+unrestricted pickle, and always loaded strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from invcache.errors import UsageError, WeightsError
+from invcache.models.config import DetrConfig
+from invcache.models.detr import DETR
+from invcache.models.hf_convert import hf_to_official, is_hf_state_dict
+
+OFFICIAL_URL_BASE = "https://dl.fbaipublicfiles.com/detr/"
+OFFICIAL_FILES = {
+    "detr-r50": "detr-r50-e632da11.pth",
+    "detr-r50-dc5": "detr-r50-dc5-f0fb7ef5.pth",
+    "detr-r101": "detr-r101-2c7b67e5.pth",
+    "detr-r101-dc5": "detr-r101-dc5-a2e86def.pth",
+}
+HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict in the official key layout from an official or HF checkpoint (file or HF folder)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in HF_FILENAMES if (path / name).is_file()]
+        if not found:
+            raise WeightsError(f"{path}: no {' or '.join(HF_FILENAMES)} in this folder")
+        path = found[0]
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for malformed files
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(
+                f"{path}: refused to unpickle (only tensors and plain containers are allowed): {first}"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise WeightsError(f"{path}: not a readable torch checkpoint ({exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}})")
+    return hf_to_official(state) if is_hf_state_dict(state) else state
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load every key or fail naming each missing, unexpected and misshapen key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    problems = [
+        f"{label}: {', '.join(items)}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshapen))
+        if items
+    ]
+    if problems:
+        name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+        raise WeightsError(f"{origin} does not fit {name}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def official_checkpoint_path(config: DetrConfig) -> Path:
+    """The published checkpoint of a config in torch.hub's cache, downloaded (with hash check) if absent."""
+    filename = OFFICIAL_FILES.get(config.name)
+    if filename is None:
+        raise UsageError(
+            f"no published weights for {config.name}; use --weights random[:SEED] or a checkpoint path"
+        )
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    url = os.environ.get("INVCACHE_DETR_URL_BASE", OFFICIAL_URL_BASE) + filename
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=None, progress=False)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            target.unlink(missing_ok=True)
+            raise WeightsError(
+                f"cannot download {filename} from {url} ({exc}); without a network, "
+                f"put the file at {target} or pass its path with --weights"
+            ) from None
+    expected = filename.rsplit("-", 1)[1].split(".")[0]
+    digest = sha256_file(target)
+    if not digest.startswith(expected):
+        raise WeightsError(
+            f"{target}: sha256 {digest[:16]}… does not start with {expected} as the published file's does; "
+            "delete it to download again"
+        )
+    return target
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def randomize(model: DETR, seed: int) -> None:
+    """Deterministic random init, then frozen batch-norm statistics calibrated on a fixed noise batch.
+
+    Without calibration a random ResNet's activations grow block after block; calibrating
+    each frozen BN on its own input keeps every stage at unit scale, as trained weights do.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                bound = (6.0 / (param.shape[0] + param[0].numel())) ** 0.5
+                param.uniform_(-bound, bound, generator=generator)
+            elif name.endswith("bias"):
+                param.zero_()
+        hooks = []
+
+        def calibrate(module, inputs):
+            x = inputs[0]
+            module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+            module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+        from torchvision.ops import FrozenBatchNorm2d
+
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                hooks.append(module.register_forward_pre_hook(calibrate))
+        noise = torch.randn(2, 3, 128, 128, generator=generator)
+        model.backbone[0](noise)
+        for hook in hooks:
+            hook.remove()
+
+
+def load_weights(model: DETR, weights: str) -> str:
+    """Fill ``model`` from a ``--weights`` value; returns a description of the source."""
+    if weights == "random" or weights.startswith("random:"):
+        seed_text = weights.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise UsageError(f"bad --weights {weights!r}: the seed in random:SEED must be a non-negative integer")
+        randomize(model, int(seed_text))
+        return f"random:{int(seed_text)}"
+    if weights == "official":
+        path = official_checkpoint_path(model.config)
+        load_state_dict_strict(model, read_checkpoint(path), str(path))
+        return f"official:{path.name}"
+    path = Path(weights)
+    if not path.exists():
+        raise UsageError(f"bad --weights {weights!r}: not 'official', 'random[:SEED]' or an existing path")
+    load_state_dict_strict(model, read_checkpoint(path), str(path))
+    return str(path.resolve())
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the weights themselves (sorted keys, dtype, shape, bytes): the same for any file format."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
