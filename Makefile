@@ -26,7 +26,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/invcache synthetic --out $(DEMO_DIR)/coco --split val2017 --images 8
-	$(VENV)/bin/invcache taps --model detr-tiny --weights random:0 --coco-root $(DEMO_DIR)/coco --split val2017 --size 240x320 --images 4 --layers all,backbone.c5
+	$(VENV)/bin/invcache taps --model detr-tiny --weights random:0 --coco-root $(DEMO_DIR)/coco --split val2017 --size 256x320 --images 4 --layers all,backbone.c5
 
 clean:
 	rm -rf $(VENV) invcache-runs

@@ -148,10 +148,23 @@ def randomize(model: DETR, seed: int) -> None:
         for module in model.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 hooks.append(module.register_forward_pre_hook(calibrate))
-        noise = torch.randn(2, 3, 128, 128, generator=generator)
-        model.backbone[0](noise)
+        model.backbone[0](_calibration_images(generator))
         for hook in hooks:
             hook.remove()
+
+
+def _calibration_images(generator: torch.Generator) -> torch.Tensor:
+    """Smooth colour fields with fine grain (image-like) next to white noise, normalized as images are.
+
+    Both kinds are needed: statistics from either alone leave the other's activations
+    hundreds of times too large.
+    """
+    coarse = torch.rand(2, 3, 4, 4, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(128, 160), mode="bilinear", align_corners=False)
+    smooth = (smooth + 0.05 * torch.randn(2, 3, 128, 160, generator=generator)).clamp(0, 1)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return torch.cat([(smooth - mean) / std, torch.randn(2, 3, 128, 160, generator=generator)])
 
 
 def load_weights(model: DETR, weights: str) -> str:
