@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -107,6 +109,133 @@ def taps(model_name, weights, source, wds_pattern, coco_root, root, split, size,
     failed = [s for s in samples if not s["valid"]]
     for s in failed:
         console.print(f"[yellow]image {s['image_id']} unreadable: {s['error']}[/yellow]")
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True),
+        transient=False,
+    )
+
+
+@cli.command()
+@click.option("--split", required=True, help="COCO split, e.g. train2017 or val2017.")
+@click.option("--layers", default="all", show_default=True, help="Taps: comma list and globs, or all.")
+@click.option("--source", type=click.Choice(["coco", "synthetic"]), default="coco", show_default=True)
+@click.option("--wds", "wds_pattern", default=None, help="Read the split from webdataset shards (URL pattern).")
+@click.option("--coco-root", type=click.Path(path_type=Path), envvar="COCO_ROOT", default="./data/coco",
+              show_default=True)
+@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
+              show_default=True, help="Workspace; the cache goes to <root>/cache/<split> unless --out.")
+@click.option("--out", type=str, default=None, help="Cache location (path or URL zarr opens).")
+@click.option("--model", "model_name", default="detr-r50", show_default=True)
+@click.option("--weights", default="official", show_default=True)
+@click.option("--size", default="480x640", show_default=True, callback=_size)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--num-workers", type=int, default=min(8, os.cpu_count() or 1), show_default=True)
+@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
+              help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
+@click.option("--limit", type=int, default=None, help="Only the first N images (ascending id).")
+@click.option("--shard-size", type=int, default=256, show_default=True, help="Images per shard.")
+@click.option("--keepbits", type=int, default=None, help="Lossy: keep N float16 mantissa bits (BitRound).")
+@click.option("--writers", type=click.IntRange(1), default=2, show_default=True, help="Shard writer threads.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
+@click.option("--force", is_flag=True, help="Start even if the disk estimate exceeds the free space.")
+def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name, weights, size, batch_size,
+            num_workers, device, amp, limit, shard_size, keepbits, writers, overwrite, strict, force):
+    """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable)."""
+    from invcache.extract import ExtractSettings, extract as run_extract
+
+    settings = ExtractSettings(
+        split=split, layers=layers, source=source, wds=wds_pattern, coco_root=coco_root, workspace=root, out=out,
+        model=model_name, weights=weights, size=size, batch_size=batch_size, num_workers=num_workers,
+        device=device, amp=amp, limit=limit, shard_size=shard_size, keepbits=keepbits, overwrite=overwrite,
+        strict=strict, force=force, writers=writers,
+    )
+    show = int(os.environ.get("RANK", "0")) == 0
+    with _progress_bar() as bar:
+        task = bar.add_task(f"extract {split}", total=None, rate="", visible=show)
+        started, done, written = time.perf_counter(), 0, 0
+
+        def advance(images: int, raw_bytes: int) -> None:
+            nonlocal done, written
+            done, written = done + images, written + raw_bytes
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=images,
+                       rate=f"{done / elapsed:.1f} img/s  {written / elapsed / 1e6:.1f} MB/s")
+
+        result = run_extract(settings, progress=advance, on_plan=lambda total: bar.update(task, total=total))
+    if show:
+        console.print(
+            f"{result.cache}: {result.images} images, {result.shards_written} shard(s) written, "
+            f"{result.shards_skipped} already complete, {len(result.failures)} failure(s), "
+            f"{result.seconds:.1f} s"
+        )
+        for failure in result.failures[:20]:
+            console.print(f"[yellow]  image {failure['image_id']}: {failure['reason']}[/yellow]")
+        if len(result.failures) > 20:
+            console.print(f"[yellow]  … and {len(result.failures) - 20} more (see invcache info)[/yellow]")
+    if strict and result.failures:
+        raise InvcacheError(f"{len(result.failures)} image(s) failed and --strict is set")
+
+
+@cli.command()
+@click.argument("cache_path")
+def info(cache_path):
+    """Show a cache's taps, shapes, codec, sizes, shard progress, failures and provenance."""
+    from invcache.cache.inspect import cache_info
+
+    summary = cache_info(cache_path)
+    table = Table(title=f"{cache_path}")
+    for column in ("array", "shape", "dtype", "stored", "raw", "ratio"):
+        table.add_column(column, justify="left" if column == "array" else "right")
+    for row in summary["arrays"]:
+        table.add_row(row["name"], str(tuple(row["shape"])), row["dtype"], _mb(row["stored_bytes"]),
+                      _mb(row["raw_bytes"]), f"{row['ratio']:.2f}x")
+    console.print(table)
+    console.print(f"shards complete: {summary['complete_shards']}/{summary['num_shards']}  "
+                  f"images: {summary['num_images']}  per image stored: {_mb(summary['stored_bytes_per_image'])}")
+    codec = summary["codec"]
+    console.print(f"codec: blosc {codec['cname']} level {codec['clevel']} {codec['shuffle']}, "
+                  f"checksum {codec['checksum']}, keepbits {codec['keepbits']}")
+    if summary.get("keepbits_error"):
+        err = summary["keepbits_error"]
+        console.print(f"lossy error (keepbits {codec['keepbits']}): max relative {err['max_relative']:.2e}, "
+                      f"mean relative {err['mean_relative']:.2e}")
+    model = summary["attrs"].get("model", {})
+    source = summary["attrs"].get("source", {})
+    console.print(f"model: {model.get('model')} weights {model.get('weights')} "
+                  f"sha256 {str(model.get('weights_sha256'))[:16]}")
+    console.print(f"source: {source.get('kind')} {source.get('split')} annotations sha256 "
+                  f"{str(source.get('annotation_sha256'))[:16]}")
+    console.print(f"preprocessing: {summary['attrs'].get('preprocessing')}")
+    console.print(f"created: {summary['attrs'].get('created')}  versions: {summary['attrs'].get('versions')}")
+    console.print(f"failures: {len(summary['failures'])}")
+    for failure in summary["failures"]:
+        console.print(f"  image {failure['image_id']}: {failure['reason']}")
+
+
+@cli.command()
+@click.argument("cache_path")
+def verify(cache_path):
+    """Read every chunk; name each array and shard that fails its checksum (exit 1 if any)."""
+    from invcache.cache.inspect import verify_cache
+
+    problems = verify_cache(cache_path)
+    for problem in problems:
+        print(f"corrupt: {problem}", file=sys.stderr)
+    if problems:
+        raise InvcacheError(f"{len(problems)} corrupt shard(s) in {cache_path}")
+    console.print(f"{cache_path}: every chunk verifies")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
 
 
 def main(argv: list[str] | None = None) -> None:

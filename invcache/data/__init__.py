@@ -46,7 +46,7 @@ def open_split(
         annotation = root / "annotations" / f"instances_{split}.json"
         if not annotation.is_file():
             generate_coco(root, split, num_images=count)
-        return CocoFolder(root, split, size)
+        return CocoFolder(root, split, size, kind="synthetic")
     raise UsageError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 

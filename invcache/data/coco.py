@@ -45,8 +45,11 @@ class CocoFolder(torch.utils.data.Dataset):
     and its reason in ``error``, never an exception.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, size: tuple[int, int] = DEFAULT_SIZE) -> None:
+    def __init__(
+        self, root: str | os.PathLike, split: str, size: tuple[int, int] = DEFAULT_SIZE, kind: str = "coco"
+    ) -> None:
         self.root = Path(root)
+        self.kind = kind
         self.split = split
         self.size = size
         self.annotation_file = annotation_path(root, split)
@@ -69,7 +72,7 @@ class CocoFolder(torch.utils.data.Dataset):
     def source_record(self) -> dict:
         """Provenance of this source for a cache's attributes."""
         return {
-            "kind": "coco",
+            "kind": self.kind,
             "root": str(self.root.resolve()),
             "split": self.split,
             "annotation_file": str(self.annotation_file.resolve()),

@@ -6,6 +6,7 @@ Shards are read from local paths or any URL webdataset opens (``https://…``, `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import webdataset as wds
 
 from invcache.data.coco import CocoFolder
 from invcache.data.preprocess import DEFAULT_SIZE, Sample, load_sample
+from invcache.errors import UsageError
 
 
 def coco_to_wds(
@@ -68,6 +70,8 @@ class WdsImages(torch.utils.data.IterableDataset):
         )
         for raw in stream:
             record = json.loads(raw["json"])["image"]
+            if not self._keep(record):
+                continue
             if "jpg" not in raw:
                 fallback = (int(record.get("height", 0)), int(record.get("width", 0)))
                 reason = f"no .jpg in webdataset sample {raw['__key__']}"
@@ -75,8 +79,61 @@ class WdsImages(torch.utils.data.IterableDataset):
                 continue
             yield load_sample(record["id"], raw["jpg"], record, self.size)
 
+    def _keep(self, record: dict) -> bool:
+        return True
+
     def __iter__(self) -> Iterator[dict]:
         return (sample.as_dict() for sample in self.samples())
 
     def source_record(self) -> dict:
         return {"kind": "wds", "urls": self.urls, "annotation_sha256": None}
+
+
+class WdsSplit:
+    """A webdataset split addressed like a COCO folder: ``image_ids`` known up front, rows decoded on demand.
+
+    A first pass reads only the ``.json`` members to learn the ids (which must ascend, as
+    :func:`coco_to_wds` writes them); :meth:`iter_rows` then decodes just the rows asked for,
+    DataLoader workers splitting the tar shards.
+    """
+
+    def __init__(self, urls: str | list[str], split: str, size: tuple[int, int] = DEFAULT_SIZE) -> None:
+        self.urls, self.split, self.size = urls, split, size
+        stream = wds.WebDataset(
+            urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=None, empty_check=False,
+            select_files=lambda name: name.endswith(".json"),
+        )
+        self._metadata = [raw["json"] for raw in stream]
+        self.image_ids = [json.loads(meta)["image"]["id"] for meta in self._metadata]
+        if self.image_ids != sorted(set(self.image_ids)):
+            raise UsageError(
+                f"webdataset {urls}: image ids must be unique and ascending, as `invcache to-wds` writes them"
+            )
+
+    def source_record(self) -> dict:
+        digest = hashlib.sha256()
+        for meta in self._metadata:
+            digest.update(meta)
+        return {
+            "kind": "wds", "urls": self.urls, "split": self.split,
+            "annotation_sha256": digest.hexdigest(), "images": len(self.image_ids),
+        }
+
+    def iter_rows(self, rows: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
+        row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        wanted = {self.image_ids[r] for r in rows}
+        loader = torch.utils.data.DataLoader(
+            _SelectedImages(self.urls, self.size, wanted), batch_size=batch_size, num_workers=num_workers,
+        )
+        for batch in loader:
+            batch["row"] = torch.as_tensor([row_of[int(i)] for i in batch["image_id"]])
+            yield batch
+
+
+class _SelectedImages(WdsImages):
+    def __init__(self, urls, size, wanted: set[int]) -> None:
+        super().__init__(urls, size)
+        self.wanted = wanted
+
+    def _keep(self, record: dict) -> bool:
+        return record["id"] in self.wanted

@@ -1,0 +1,85 @@
+"""The cache schema (SPEC §3), defined here and nowhere else.
+
+A cache is one zarr v3 group. Each tap is an array at ``tap_path(tap)``: (N, T, C) float16,
+or (N, H, W, 3) uint8 for ``input``; one image per chunk, ``shard_size`` images per shard,
+Blosc zstd with bit-shuffle and a crc32c checksum on every chunk. Beside the taps:
+
+- ``image_id`` (N,) int64, ascending COCO ids;
+- ``orig_size`` (N, 2) int32, (H, W) before resizing;
+- ``valid`` (N,) bool, False where the image could not be read (its rows stay zeros);
+- ``failure`` (N,) str, the reason an image is invalid ("" otherwise);
+- ``shard_complete`` (num_shards,) bool, set only after every array of a shard is written.
+
+The per-image arrays are chunked by shard, so the writer of a shard owns every chunk it touches.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from invcache.taps import INPUT, tap_path
+
+SCHEMA_VERSION = 1
+DEFAULT_SHARD_SIZE = 256
+BLOSC_CNAME = "zstd"
+BLOSC_CLEVEL = 1
+FLOAT_DTYPE = np.float16
+
+IMAGE_ID = "image_id"
+ORIG_SIZE = "orig_size"
+VALID = "valid"
+FAILURE = "failure"
+SHARD_COMPLETE = "shard_complete"
+PER_IMAGE_ARRAYS = (IMAGE_ID, ORIG_SIZE, VALID, FAILURE)
+
+# Root attributes that must agree for a run to resume an existing cache.
+SETTINGS_KEYS = ("schema_version", "model", "preprocessing", "source", "taps", "shard_size", "codec")
+
+
+def tap_dtype(tap: str) -> np.dtype:
+    return np.dtype(np.uint8) if tap == INPUT else np.dtype(FLOAT_DTYPE)
+
+
+def num_shards(num_images: int, shard_size: int) -> int:
+    return max(1, math.ceil(num_images / shard_size))
+
+
+def codec_record(keepbits: int | None) -> dict:
+    return {
+        "name": "blosc", "cname": BLOSC_CNAME, "clevel": BLOSC_CLEVEL, "shuffle": "bitshuffle",
+        "checksum": "crc32c", "keepbits": keepbits,
+    }
+
+
+def tap_codecs(tap: str, keepbits: int | None) -> dict:
+    """``create_array`` keyword arguments for a tap's filters and compressors."""
+    compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
+    filters = []
+    if keepbits is not None and tap != INPUT:
+        from zarr.codecs.numcodecs import BitRound
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "numcodecs codecs are not in the Zarr v3 specification"
+            filters = [BitRound(keepbits=keepbits)]
+    return {"filters": filters, "compressors": compressors}
+
+
+def per_image_array_specs(num_images: int, shard_size: int) -> dict[str, dict]:
+    """Shape, dtype and chunking of the bookkeeping arrays."""
+    chunk = min(shard_size, max(num_images, 1))
+    return {
+        IMAGE_ID: {"shape": (num_images,), "dtype": np.int64, "chunks": (chunk,)},
+        ORIG_SIZE: {"shape": (num_images, 2), "dtype": np.int32, "chunks": (chunk, 2)},
+        VALID: {"shape": (num_images,), "dtype": bool, "chunks": (chunk,)},
+        FAILURE: {"shape": (num_images,), "dtype": str, "chunks": (chunk,)},
+        SHARD_COMPLETE: {"shape": (num_shards(num_images, shard_size),), "dtype": bool, "chunks": (1,)},
+    }
+
+
+def array_path(name: str) -> str:
+    """The path of a tap or bookkeeping array inside the group."""
+    return name if name in PER_IMAGE_ARRAYS or name == SHARD_COMPLETE else tap_path(name)

@@ -1,0 +1,182 @@
+"""Open, create, write and read caches: whole shards in, shard-sized blocks out."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from invcache.cache import schema as S
+from invcache.errors import InvcacheError
+from invcache.taps import DECODER_INPUT
+
+
+class CacheCorruptError(InvcacheError):
+    """A chunk whose checksum (or encoding) does not verify; the message names array and shard."""
+
+
+class Cache:
+    """A cache on disk (or any store zarr opens). Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, group: zarr.Group, location: str) -> None:
+        self.group = group
+        self.location = location
+
+    # -- creation and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        location: str | os.PathLike,
+        *,
+        num_images: int,
+        tap_shapes: Mapping[str, tuple[int, ...]],
+        shard_size: int = S.DEFAULT_SHARD_SIZE,
+        keepbits: int | None = None,
+        attributes: Mapping | None = None,
+    ) -> Cache:
+        """Create every array of an empty cache (replacing anything at ``location``)."""
+        location = os.fspath(location)
+        group = zarr.open_group(location, mode="w", zarr_format=3)
+        for name, spec in S.per_image_array_specs(num_images, shard_size).items():
+            group.create_array(name, fill_value=_fill(spec["dtype"]), **spec)
+        for tap, shape in tap_shapes.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # BitRound is a numcodecs codec outside the v3 spec
+                group.create_array(
+                    S.array_path(tap), shape=(num_images, *shape), dtype=S.tap_dtype(tap),
+                    chunks=(1, *shape), shards=(shard_size, *shape), fill_value=0,
+                    **S.tap_codecs(tap, keepbits),
+                )
+        group.attrs.update({
+            **(attributes or {}),
+            "schema_version": S.SCHEMA_VERSION,
+            "taps": list(tap_shapes),
+            "shard_size": shard_size,
+            "num_images": num_images,
+            "codec": S.codec_record(keepbits),
+        })
+        return cls(group, location)
+
+    @classmethod
+    def open(cls, location: str | os.PathLike, mode: str = "r") -> Cache:
+        location = os.fspath(location)
+        try:
+            group = zarr.open_group(location, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            raise InvcacheError(f"no cache at {location}") from None
+        if group.attrs.get("schema_version") is None:
+            raise InvcacheError(f"{location} is a zarr group but not an invcache cache")
+        return cls(group, location)
+
+    @staticmethod
+    def exists(location: str | os.PathLike) -> bool:
+        try:
+            zarr.open_group(os.fspath(location), mode="r", zarr_format=3)
+        except Exception:
+            return False
+        return True
+
+    # -- layout ---------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.group.attrs["taps"])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.group.attrs["num_images"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.group.attrs["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return S.num_shards(self.num_images, self.shard_size)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[S.array_path(name)]
+
+    def settings(self) -> dict:
+        return {k: self.group.attrs.get(k) for k in S.SETTINGS_KEYS}
+
+    # -- writing --------------------------------------------------------------------------
+
+    def complete_shards(self) -> np.ndarray:
+        return self.array(S.SHARD_COMPLETE)[:]
+
+    def clear_shard(self, shard: int) -> None:
+        """Delete whatever an interrupted write left of a shard, in every array."""
+        for name in [*self.taps, *S.PER_IMAGE_ARRAYS]:
+            array = self.array(name)
+            chunk = shard * self.shard_size // array.chunks[0] if name in S.PER_IMAGE_ARRAYS else shard
+            key = array.metadata.encode_chunk_key((chunk, *([0] * (array.ndim - 1))))
+            sync(array.store_path.store.delete(f"{array.path}/{key}"))
+
+    def write_shard(self, shard: int, taps: Mapping[str, np.ndarray], meta: Mapping[str, np.ndarray]) -> int:
+        """Write one whole shard of every tap and bookkeeping array, then mark it complete.
+
+        Returns the number of raw (uncompressed) bytes written.
+        """
+        start, stop = self.shard_bounds(shard)
+        written = 0
+        for name, values in [*taps.items(), *meta.items()]:
+            if len(values) != stop - start:
+                raise ValueError(f"shard {shard} of {name}: {len(values)} rows, expected {stop - start}")
+            self.array(name)[start:stop] = values
+            written += values.nbytes if values.dtype != object else 0
+        self.array(S.SHARD_COMPLETE)[shard] = True
+        return written
+
+    # -- reading --------------------------------------------------------------------------
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tap or bookkeeping array; ``dec.0`` reads as DETR's zero queries."""
+        if name == DECODER_INPUT:
+            shape = self.array(self.taps_like_decoder()).shape[1:]
+            return np.zeros((stop - start, *shape), S.FLOAT_DTYPE)
+        array = self.array(name)
+        try:
+            return array[start:stop]
+        except Exception as exc:
+            first, last = start // self.shard_size, (max(stop, start + 1) - 1) // self.shard_size
+            shards = str(first) if first == last else f"{first}-{last}"
+            raise CacheCorruptError(
+                f"{self.location}: array {S.array_path(name)} shard {shards} does not verify "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def read_shard(self, name: str, shard: int) -> np.ndarray:
+        return self.read(name, *self.shard_bounds(shard))
+
+    def taps_like_decoder(self) -> str:
+        decoder_taps = [t for t in self.taps if t.startswith("dec.")]
+        if not decoder_taps:
+            raise InvcacheError(f"{self.location}: dec.0 needs a cached decoder tap to know its shape")
+        return decoder_taps[0]
+
+    def failures(self) -> list[dict]:
+        """(image id, reason) of every invalid image in complete shards."""
+        complete = self.complete_shards()
+        valid, ids, reasons = self.array(S.VALID)[:], self.array(S.IMAGE_ID)[:], self.array(S.FAILURE)[:]
+        rows = [i for i in np.flatnonzero(~valid) if complete[i // self.shard_size]]
+        return [{"image_id": int(ids[i]), "reason": str(reasons[i])} for i in rows]
+
+
+def _fill(dtype) -> object:
+    if dtype is str:
+        return ""
+    return False if dtype is bool else 0

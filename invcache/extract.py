@@ -1,0 +1,393 @@
+"""``invcache extract``: stream a split through frozen DETR into a sharded cache (SPEC §3, §6, §7).
+
+DataLoader workers decode and resize; the forward runs under inference mode (and autocast
+on GPU); rows are gathered into whole-shard buffers that a pool of writer threads
+compresses and writes while the next batches run. At most ``writers + 1`` shard buffers
+exist at a time. A shard is marked complete only after all of its arrays are written, so
+rerunning the same command after a crash skips complete shards, clears and rewrites the
+rest, and ends with the arrays an uninterrupted run writes. Under ``torchrun`` rank r owns
+shards r, r+K, …; rank 0 creates the arrays before any rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from invcache import __version__
+from invcache.cache import schema as S
+from invcache.cache.store import Cache
+from invcache.data import default_workspace, open_split, preprocessing_record
+from invcache.data.preprocess import DEFAULT_SIZE
+from invcache.data.wds import WdsSplit
+from invcache.errors import InvcacheError, UsageError
+from invcache.forward import forward_taps, resolve_amp
+from invcache.models import build_detr, get_config
+from invcache.taps import INPUT
+
+# Typical Blosc-zstd bit-shuffle ratio on LayerNorm'd fp16 activations (measured, SPEC §3);
+# images are assumed not to compress, so the estimate errs on the safe side.
+FLOAT_COMPRESSION_ESTIMATE = 1.15
+
+
+@dataclass
+class ExtractSettings:
+    split: str
+    layers: str = "all"
+    source: str = "coco"
+    wds: str | None = None
+    coco_root: str | os.PathLike | None = None
+    workspace: str | os.PathLike | None = None
+    out: str | os.PathLike | None = None
+    model: str = "detr-r50"
+    weights: str = "official"
+    size: tuple[int, int] = DEFAULT_SIZE
+    batch_size: int = 16
+    num_workers: int = 4
+    device: str | None = None
+    amp: str | None = None
+    limit: int | None = None
+    shard_size: int = S.DEFAULT_SHARD_SIZE
+    keepbits: int | None = None
+    overwrite: bool = False
+    strict: bool = False
+    force: bool = False
+    writers: int = 2
+    synthetic_images: int | None = None
+
+    def cache_location(self) -> str:
+        if self.out is not None:
+            return os.fspath(self.out)
+        workspace = Path(self.workspace) if self.workspace is not None else default_workspace()
+        return os.fspath(workspace / "cache" / self.split)
+
+
+@dataclass
+class ExtractResult:
+    cache: str
+    images: int
+    shards_written: int
+    shards_skipped: int
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    raw_bytes: int = 0
+
+
+def extract(
+    settings: ExtractSettings,
+    progress: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Run (or resume) an extraction.
+
+    ``on_plan(images)`` is told how many images this process will extract;
+    ``progress(images, raw_bytes)`` is called as each shard is written.
+    """
+    _validate(settings)
+    rank, world = _init_distributed()
+    device = torch.device(settings.device or _default_device(rank))
+    config = get_config(settings.model)
+    taps = config.select_taps(settings.layers)
+    dataset = _open_source(settings)
+    image_ids = dataset.image_ids[: settings.limit] if settings.limit else list(dataset.image_ids)
+    if not image_ids:
+        raise UsageError(f"no images in {settings.split}")
+    model = build_detr(settings.model, settings.weights, device=device)
+    tap_shapes = {tap: config.tap_shape(tap, settings.size) for tap in taps}
+    attributes = {
+        "model": model.fingerprint,
+        "preprocessing": preprocessing_record(settings.size),
+        "source": {**dataset.source_record(), "images": len(image_ids)},
+        "taps": taps,
+        "shard_size": settings.shard_size,
+        "codec": S.codec_record(settings.keepbits),
+        "schema_version": S.SCHEMA_VERSION,
+    }
+    location = settings.cache_location()
+
+    if rank == 0:
+        cache = _create_or_resume(location, settings, attributes, tap_shapes, image_ids)
+    _barrier(world)
+    if rank != 0:
+        cache = Cache.open(location, mode="r+")
+
+    complete = cache.complete_shards()
+    owned = [s for s in range(cache.num_shards) if s % world == rank and not complete[s]]
+    skipped = sum(1 for s in range(cache.num_shards) if s % world == rank and complete[s])
+    for shard in owned:
+        cache.clear_shard(shard)
+    if on_plan:
+        on_plan(sum(cache.shard_bounds(s)[1] - cache.shard_bounds(s)[0] for s in owned))
+
+    started = time.perf_counter()
+    raw_bytes = _run(cache, dataset, image_ids, model, taps, owned, settings, device, progress)
+    _barrier(world)
+    failures = cache.failures()
+    if rank == 0:
+        cache.group.attrs.update({
+            "failures": failures,
+            "complete": bool(cache.complete_shards().all()),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    if world > 1:
+        dist.destroy_process_group()
+    return ExtractResult(
+        location, len(image_ids), len(owned), skipped, failures, time.perf_counter() - started, raw_bytes
+    )
+
+
+def _validate(settings: ExtractSettings) -> None:
+    if settings.shard_size < 1:
+        raise UsageError("--shard-size must be at least 1")
+    if settings.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if settings.limit is not None and settings.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if settings.keepbits is not None and not 1 <= settings.keepbits <= 10:
+        raise UsageError("--keepbits must be between 1 and 10 (float16 has 10 mantissa bits)")
+
+
+def _default_device(rank: int) -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _open_source(settings: ExtractSettings):
+    if settings.wds:
+        return WdsSplit(settings.wds, settings.split, settings.size)
+    return open_split(
+        settings.source, settings.split, coco_root=settings.coco_root, workspace=settings.workspace,
+        size=settings.size, synthetic_images=settings.synthetic_images,
+    )
+
+
+def _normalized(value):
+    return json.loads(json.dumps(value))
+
+
+def _differences(existing: dict, wanted: dict) -> list[str]:
+    diffs = []
+    for key in S.SETTINGS_KEYS:
+        old, new = _normalized(existing.get(key)), _normalized(wanted.get(key))
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            for sub in sorted(set(old) | set(new)):
+                if old.get(sub) != new.get(sub):
+                    diffs.append(f"{key}.{sub}: {old.get(sub)!r} -> {new.get(sub)!r}")
+        else:
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    return diffs
+
+
+def _create_or_resume(
+    location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict, image_ids: list[int]
+) -> Cache:
+    if Cache.exists(location) and not settings.overwrite:
+        try:
+            cache = Cache.open(location, mode="r+")
+        except InvcacheError:
+            raise InvcacheError(
+                f"{location} holds something that is not an invcache cache; choose another --out or pass --overwrite"
+            ) from None
+        if cache.attrs.get("state") == "ready":
+            diffs = _differences(cache.settings(), attributes)
+            if diffs:
+                raise InvcacheError(
+                    f"the cache at {location} was made with other settings ({'; '.join(diffs)}); "
+                    "pass --overwrite to replace it"
+                )
+            _remove_partial_files(location)
+            _check_disk(location, tap_shapes, _rows_left(cache), settings.force)
+            return cache
+    _check_disk(location, tap_shapes, len(image_ids), settings.force)
+    if Path(location).exists() and "://" not in location:
+        shutil.rmtree(location)
+    # "state" is written first and flipped last, so a creation cut short is recreated, never resumed.
+    cache = Cache.create(
+        location, num_images=len(image_ids), tap_shapes=tap_shapes, shard_size=settings.shard_size,
+        keepbits=settings.keepbits, attributes={**attributes, "state": "creating"},
+    )
+    ids = np.asarray(image_ids, dtype=np.int64)
+    cache.group.attrs.update({
+        "state": "ready",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        "image_ids_sha256": _sha256(ids.tobytes()),
+    })
+    return cache
+
+
+def _rows_left(cache: Cache) -> int:
+    complete = cache.complete_shards()
+    return sum(cache.shard_bounds(s)[1] - cache.shard_bounds(s)[0] for s in range(cache.num_shards) if not complete[s])
+
+
+def _remove_partial_files(location: str) -> None:
+    """Temporary files a killed local write left behind (zarr writes each file atomically via rename)."""
+    if "://" in location:
+        return
+    for leftover in Path(location).rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
+
+
+def estimate_bytes(tap_shapes: dict, images: int) -> int:
+    per_image = 0.0
+    for tap, shape in tap_shapes.items():
+        raw = int(np.prod(shape)) * S.tap_dtype(tap).itemsize
+        per_image += raw if tap == INPUT else raw / FLOAT_COMPRESSION_ESTIMATE
+    return int(per_image * images)
+
+
+def _check_disk(location: str, tap_shapes: dict, images: int, force: bool) -> None:
+    needed = estimate_bytes(tap_shapes, images)
+    message = f"disk estimate: {needed / 1e9:.2f} GB for {images} image(s)"
+    if "://" in location:
+        print(message, file=sys.stderr)
+        return
+    probe = Path(location).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    print(f"{message}; {free / 1e9:.2f} GB free at {probe}", file=sys.stderr)
+    if needed > free and not force:
+        raise InvcacheError(
+            f"not enough disk at {probe}: need about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free "
+            "(pass --force to start anyway)"
+        )
+
+
+def _versions() -> dict:
+    import numcodecs
+    import torchvision
+    import zarr
+
+    return {
+        "invcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+class ShardBuffer:
+    """Rows of one shard gathered from batches until the shard is whole."""
+
+    def __init__(self, shard: int, start: int, stop: int, tap_shapes: dict) -> None:
+        self.shard, self.start, self.rows = shard, start, stop - start
+        self.taps = {t: np.zeros((self.rows, *shape), S.tap_dtype(t)) for t, shape in tap_shapes.items()}
+        self.meta = {
+            S.IMAGE_ID: np.zeros(self.rows, np.int64),
+            S.ORIG_SIZE: np.zeros((self.rows, 2), np.int32),
+            S.VALID: np.zeros(self.rows, bool),
+            S.FAILURE: np.full(self.rows, "", dtype=object),
+        }
+        self.filled = 0
+
+
+def _batches(dataset, rows: list[int], settings: ExtractSettings, device: torch.device) -> Iterator[dict]:
+    if hasattr(dataset, "iter_rows"):
+        yield from dataset.iter_rows(rows, settings.batch_size, settings.num_workers)
+        return
+    subset = torch.utils.data.Subset(dataset, rows)
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=settings.batch_size, num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if settings.num_workers else None,
+    )
+    position = 0
+    for batch in loader:
+        count = len(batch["image_id"])
+        batch["row"] = torch.as_tensor(rows[position:position + count])
+        position += count
+        yield batch
+
+
+def _run(cache: Cache, dataset, image_ids, model, taps, owned, settings, device, progress) -> int:
+    if not owned:
+        return 0
+    tap_shapes = {t: tuple(cache.array(t).shape[1:]) for t in taps}
+    rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
+    amp = resolve_amp(settings.amp, device)
+    buffers: dict[int, ShardBuffer] = {}
+    pending: list[Future] = []
+    raw_bytes = 0
+
+    def finish(future: Future) -> None:
+        nonlocal raw_bytes
+        written, images = future.result()
+        raw_bytes += written
+        if progress:
+            progress(images, written)
+
+    def write(buffer: ShardBuffer) -> tuple[int, int]:
+        return cache.write_shard(buffer.shard, buffer.taps, buffer.meta), buffer.rows
+
+    with ThreadPoolExecutor(max_workers=settings.writers, thread_name_prefix="shard-writer") as pool:
+        for batch in _batches(dataset, rows, settings, device):
+            out = forward_taps(model, batch["input"], taps, amp)
+            host = {t: (batch["input"].numpy() if t == INPUT else _to_host(out[t])) for t in taps}
+            valid = batch["valid"].numpy().astype(bool)
+            for i, row in enumerate(batch["row"].tolist()):
+                shard = row // cache.shard_size
+                if shard not in buffers:
+                    buffers[shard] = ShardBuffer(shard, *cache.shard_bounds(shard), tap_shapes)
+                buffer = buffers[shard]
+                j = row - buffer.start
+                if int(batch["image_id"][i]) != image_ids[row]:
+                    raise InvcacheError(
+                        f"image order changed: row {row} is id {int(batch['image_id'][i])}, "
+                        f"the cache expects {image_ids[row]}"
+                    )
+                if valid[i]:
+                    for t in taps:
+                        buffer.taps[t][j] = host[t][i]
+                buffer.meta[S.IMAGE_ID][j] = image_ids[row]
+                buffer.meta[S.ORIG_SIZE][j] = batch["orig_size"][i].numpy()
+                buffer.meta[S.VALID][j] = valid[i]
+                buffer.meta[S.FAILURE][j] = batch["error"][i]
+                buffer.filled += 1
+                if buffer.filled == buffer.rows:
+                    del buffers[shard]
+                    while len(pending) >= settings.writers:
+                        finish(pending.pop(0))
+                    pending.append(pool.submit(write, buffer))
+        for future in pending:
+            finish(future)
+    if buffers:
+        raise InvcacheError(f"the source ended before shards {sorted(buffers)} were complete")
+    return raw_bytes
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float16).cpu().numpy()
