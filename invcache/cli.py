@@ -158,18 +158,26 @@ def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name
         strict=strict, force=force, writers=writers,
     )
     show = int(os.environ.get("RANK", "0")) == 0
-    with _progress_bar() as bar:
-        task = bar.add_task(f"extract {split}", total=None, rate="", visible=show)
-        started, done, written = time.perf_counter(), 0, 0
+    bar = _progress_bar()
+    state = {"task": None, "started": 0.0, "done": 0, "written": 0}
 
-        def advance(images: int, raw_bytes: int) -> None:
-            nonlocal done, written
-            done, written = done + images, written + raw_bytes
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=images,
-                       rate=f"{done / elapsed:.1f} img/s  {written / elapsed / 1e6:.1f} MB/s")
+    def plan(total: int) -> None:
+        # The bar starts once the settings are checked, so a rejected run prints only its error.
+        if show:
+            bar.start()
+        state.update(task=bar.add_task(f"extract {split}", total=total, rate=""), started=time.perf_counter())
 
-        result = run_extract(settings, progress=advance, on_plan=lambda total: bar.update(task, total=total))
+    def advance(images: int, raw_bytes: int) -> None:
+        state["done"] += images
+        state["written"] += raw_bytes
+        elapsed = max(time.perf_counter() - state["started"], 1e-9)
+        bar.update(state["task"], advance=images,
+                   rate=f"{state['done'] / elapsed:.1f} img/s  {state['written'] / elapsed / 1e6:.1f} MB/s")
+
+    try:
+        result = run_extract(settings, progress=advance, on_plan=plan)
+    finally:
+        bar.stop()
     if show:
         console.print(
             f"{result.cache}: {result.images} images, {result.shards_written} shard(s) written, "

@@ -16,7 +16,6 @@ The per-image arrays are chunked by shard, so the writer of a shard owns every c
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
@@ -62,9 +61,7 @@ def tap_codecs(tap: str, keepbits: int | None) -> dict:
     if keepbits is not None and tap != INPUT:
         from zarr.codecs.numcodecs import BitRound
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "numcodecs codecs are not in the Zarr v3 specification"
-            filters = [BitRound(keepbits=keepbits)]
+        filters = [BitRound(keepbits=keepbits)]
     return {"filters": filters, "compressors": compressors}
 
 

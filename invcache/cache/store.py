@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -45,13 +44,10 @@ class Cache:
         for name, spec in S.per_image_array_specs(num_images, shard_size).items():
             group.create_array(name, fill_value=_fill(spec["dtype"]), **spec)
         for tap, shape in tap_shapes.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # BitRound is a numcodecs codec outside the v3 spec
-                group.create_array(
-                    S.array_path(tap), shape=(num_images, *shape), dtype=S.tap_dtype(tap),
-                    chunks=(1, *shape), shards=(shard_size, *shape), fill_value=0,
-                    **S.tap_codecs(tap, keepbits),
-                )
+            group.create_array(
+                S.array_path(tap), shape=(num_images, *shape), dtype=S.tap_dtype(tap),
+                chunks=(1, *shape), shards=(shard_size, *shape), fill_value=0, **S.tap_codecs(tap, keepbits),
+            )
         group.attrs.update({
             **(attributes or {}),
             "schema_version": S.SCHEMA_VERSION,
