@@ -10,6 +10,7 @@ import zarr
 from zarr.core.sync import sync
 
 from invcache.cache import schema as S
+from invcache.cache.shard_writer import ShardEncoder
 from invcache.errors import InvcacheError
 from invcache.taps import DECODER_INPUT
 
@@ -24,6 +25,7 @@ class Cache:
     def __init__(self, group: zarr.Group, location: str) -> None:
         self.group = group
         self.location = location
+        self._encoders: dict[str, ShardEncoder] = {}
 
     # -- creation and opening -------------------------------------------------------------
 
@@ -132,7 +134,12 @@ class Cache:
         for name, values in [*taps.items(), *meta.items()]:
             if len(values) != stop - start:
                 raise ValueError(f"shard {shard} of {name}: {len(values)} rows, expected {stop - start}")
-            self.array(name)[start:stop] = values
+            if name in taps:
+                if name not in self._encoders:
+                    self._encoders[name] = ShardEncoder(self.array(name))
+                self._encoders[name].write(shard, values)
+            else:
+                self.array(name)[start:stop] = values
             written += values.nbytes if values.dtype != object else 0
         self.array(S.SHARD_COMPLETE)[shard] = True
         return written
