@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: setup
+	$(VENV)/bin/ruff check invcache tests benchmarks pipelines
 	$(PY) -m pytest -q
 
 demo: setup

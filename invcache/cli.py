@@ -149,7 +149,8 @@ def _progress_bar():
 def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name, weights, size, batch_size,
             num_workers, device, amp, limit, shard_size, keepbits, writers, overwrite, strict, force):
     """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable)."""
-    from invcache.extract import ExtractSettings, extract as run_extract
+    from invcache.extract import ExtractSettings
+    from invcache.extract import extract as run_extract
 
     settings = ExtractSettings(
         split=split, layers=layers, source=source, wds=wds_pattern, coco_root=coco_root, workspace=root, out=out,

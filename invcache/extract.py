@@ -16,8 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,9 @@ from invcache.data import default_workspace, open_split, preprocessing_record
 from invcache.data.preprocess import DEFAULT_SIZE
 from invcache.data.wds import WdsSplit
 from invcache.errors import InvcacheError, UsageError
-from invcache.forward import forward_taps, resolve_amp
+from invcache.forward import resolve_amp
 from invcache.models import build_detr, get_config
+from invcache.pipeline import loader_batches, run_extraction
 from invcache.taps import INPUT
 
 # Typical Blosc-zstd bit-shuffle ratio on LayerNorm'd fp16 activations (measured, SPEC §3);
@@ -131,7 +131,11 @@ def extract(
         on_plan(sum(cache.shard_bounds(s)[1] - cache.shard_bounds(s)[0] for s in owned))
 
     started = time.perf_counter()
-    raw_bytes = _run(cache, dataset, image_ids, model, taps, owned, settings, device, progress)
+    rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
+    raw_bytes = run_extraction(
+        cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers, device), image_ids,
+        model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
+    ) if rows else 0
     _barrier(world)
     failures = cache.failures()
     if rank == 0:
@@ -299,95 +303,3 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-class ShardBuffer:
-    """Rows of one shard gathered from batches until the shard is whole."""
-
-    def __init__(self, shard: int, start: int, stop: int, tap_shapes: dict) -> None:
-        self.shard, self.start, self.rows = shard, start, stop - start
-        self.taps = {t: np.zeros((self.rows, *shape), S.tap_dtype(t)) for t, shape in tap_shapes.items()}
-        self.meta = {
-            S.IMAGE_ID: np.zeros(self.rows, np.int64),
-            S.ORIG_SIZE: np.zeros((self.rows, 2), np.int32),
-            S.VALID: np.zeros(self.rows, bool),
-            S.FAILURE: np.full(self.rows, "", dtype=object),
-        }
-        self.filled = 0
-
-
-def _batches(dataset, rows: list[int], settings: ExtractSettings, device: torch.device) -> Iterator[dict]:
-    if hasattr(dataset, "iter_rows"):
-        yield from dataset.iter_rows(rows, settings.batch_size, settings.num_workers)
-        return
-    subset = torch.utils.data.Subset(dataset, rows)
-    loader = torch.utils.data.DataLoader(
-        subset, batch_size=settings.batch_size, num_workers=settings.num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if settings.num_workers else None,
-    )
-    position = 0
-    for batch in loader:
-        count = len(batch["image_id"])
-        batch["row"] = torch.as_tensor(rows[position:position + count])
-        position += count
-        yield batch
-
-
-def _run(cache: Cache, dataset, image_ids, model, taps, owned, settings, device, progress) -> int:
-    if not owned:
-        return 0
-    tap_shapes = {t: tuple(cache.array(t).shape[1:]) for t in taps}
-    rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
-    amp = resolve_amp(settings.amp, device)
-    buffers: dict[int, ShardBuffer] = {}
-    pending: list[Future] = []
-    raw_bytes = 0
-
-    def finish(future: Future) -> None:
-        nonlocal raw_bytes
-        written, images = future.result()
-        raw_bytes += written
-        if progress:
-            progress(images, written)
-
-    def write(buffer: ShardBuffer) -> tuple[int, int]:
-        return cache.write_shard(buffer.shard, buffer.taps, buffer.meta), buffer.rows
-
-    with ThreadPoolExecutor(max_workers=settings.writers, thread_name_prefix="shard-writer") as pool:
-        for batch in _batches(dataset, rows, settings, device):
-            out = forward_taps(model, batch["input"], taps, amp)
-            host = {t: (batch["input"].numpy() if t == INPUT else _to_host(out[t])) for t in taps}
-            valid = batch["valid"].numpy().astype(bool)
-            for i, row in enumerate(batch["row"].tolist()):
-                shard = row // cache.shard_size
-                if shard not in buffers:
-                    buffers[shard] = ShardBuffer(shard, *cache.shard_bounds(shard), tap_shapes)
-                buffer = buffers[shard]
-                j = row - buffer.start
-                if int(batch["image_id"][i]) != image_ids[row]:
-                    raise InvcacheError(
-                        f"image order changed: row {row} is id {int(batch['image_id'][i])}, "
-                        f"the cache expects {image_ids[row]}"
-                    )
-                if valid[i]:
-                    for t in taps:
-                        buffer.taps[t][j] = host[t][i]
-                buffer.meta[S.IMAGE_ID][j] = image_ids[row]
-                buffer.meta[S.ORIG_SIZE][j] = batch["orig_size"][i].numpy()
-                buffer.meta[S.VALID][j] = valid[i]
-                buffer.meta[S.FAILURE][j] = batch["error"][i]
-                buffer.filled += 1
-                if buffer.filled == buffer.rows:
-                    del buffers[shard]
-                    while len(pending) >= settings.writers:
-                        finish(pending.pop(0))
-                    pending.append(pool.submit(write, buffer))
-        for future in pending:
-            finish(future)
-    if buffers:
-        raise InvcacheError(f"the source ended before shards {sorted(buffers)} were complete")
-    return raw_bytes
-
-
-def _to_host(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.to(torch.float16).cpu().numpy()

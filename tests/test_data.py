@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 
 from invcache.data import (
-    FAULTS, CocoFolder, WdsImages, coco_to_wds, generate_coco, load_coco, normalize, open_split, parse_size,
+    FAULTS,
+    CocoFolder,
+    WdsImages,
+    coco_to_wds,
+    generate_coco,
+    load_coco,
+    normalize,
+    open_split,
+    parse_size,
 )
 from invcache.data.preprocess import decode_image, resize_uint8, to_rgb
 from invcache.data.synthetic import CATEGORIES, UNREADABLE_FAULTS

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 from google_crc32c import value as crc32c
-from numcodecs import Blosc, BitRound
+from numcodecs import BitRound, Blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from invcache.data.coco import CocoFolder, load_coco
 from invcache.data.preprocess import (
-    DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Sample, normalize, parse_size, preprocessing_record,
+    DEFAULT_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Sample,
+    normalize,
+    parse_size,
+    preprocessing_record,
 )
 from invcache.data.synthetic import FAULTS, generate_coco
 from invcache.data.wds import WdsImages, coco_to_wds

@@ -134,13 +134,14 @@ def generate_coco(
             polygon = [round(v, 2) for point in points for v in point]
             rle = mask_utils.frPyObjects([polygon], height, width)
             xs, ys = polygon[0::2], polygon[1::2]
+            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": image_id,
                 "category_id": category["id"],
                 "segmentation": [polygon],
                 "area": float(mask_utils.area(mask_utils.merge(rle))),
-                "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
+                "bbox": [round(v, 2) for v in box],
                 "iscrowd": 0,
             })
         fault = fault_of.get(image_id)

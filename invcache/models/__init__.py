@@ -25,7 +25,12 @@ def build_detr(name: str = "detr-r50", weights: str = "official", device: str | 
         "weights": source,
         "weights_sha256": weights_sha256(model),
     }
-    return model.to(device)
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        # cuDNN's fastest convolutions on tensor cores take NHWC; normalize() already yields NHWC-strided input.
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return model
 
 
 __all__ = ["CONFIGS", "DETR", "DetrConfig", "build_detr", "get_config", "read_checkpoint"]

@@ -1,0 +1,149 @@
+"""The extraction loop: batches in, whole shards out, with the device, the host and the writers overlapped.
+
+- DataLoader workers decode and resize (pinned memory on CUDA);
+- the forward of batch i+1 is queued on the device before the host copies batch i's taps
+  (a non-blocking device-to-host copy into pinned memory, waited on one batch later);
+- rows are gathered into whole-shard buffers; a full shard goes to a pool of writer threads
+  while the loop continues; at most ``writers`` shards are being written and one or two
+  are being filled, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from invcache.cache import schema as S
+from invcache.cache.store import Cache
+from invcache.errors import InvcacheError
+from invcache.forward import forward_taps
+from invcache.taps import INPUT
+
+
+class ShardBuffer:
+    """Rows of one shard gathered from batches until the shard is whole."""
+
+    def __init__(self, shard: int, start: int, stop: int, tap_shapes: dict) -> None:
+        self.shard, self.start, self.rows = shard, start, stop - start
+        self.taps = {t: np.zeros((self.rows, *shape), S.tap_dtype(t)) for t, shape in tap_shapes.items()}
+        self.meta = {
+            S.IMAGE_ID: np.zeros(self.rows, np.int64),
+            S.ORIG_SIZE: np.zeros((self.rows, 2), np.int32),
+            S.VALID: np.zeros(self.rows, bool),
+            S.FAILURE: np.full(self.rows, "", dtype=object),
+        }
+        self.filled = 0
+
+
+def loader_batches(dataset, rows: list[int], batch_size: int, num_workers: int, device: torch.device) -> Iterator[dict]:
+    """Batches of the given dataset rows, in order, each with its ``row`` numbers."""
+    if hasattr(dataset, "iter_rows"):
+        yield from dataset.iter_rows(rows, batch_size, num_workers)
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+    )
+    position = 0
+    for batch in loader:
+        count = len(batch["image_id"])
+        batch["row"] = torch.as_tensor(rows[position:position + count])
+        position += count
+        yield batch
+
+
+def _start_host_copy(out: dict[str, torch.Tensor], batch: dict, taps: list[str]) -> tuple[dict, object]:
+    """fp16 copies of the taps on the host; on CUDA non-blocking, with an event to wait on."""
+    host, event = {}, None
+    for tap in taps:
+        if tap == INPUT:
+            host[tap] = batch["input"]
+            continue
+        values = out[tap].to(torch.float16)
+        if values.is_cuda:
+            pinned = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            pinned.copy_(values, non_blocking=True)
+            host[tap] = pinned
+        else:
+            host[tap] = values
+    if any(t.is_cuda for t in out.values()):
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
+
+
+def run_extraction(
+    cache: Cache,
+    batches: Iterator[dict],
+    image_ids: list[int],
+    model,
+    taps: list[str],
+    amp: torch.dtype | None,
+    writers: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Forward every batch, assemble whole shards, write them; returns the raw bytes written."""
+    tap_shapes = {t: tuple(cache.array(t).shape[1:]) for t in taps}
+    buffers: dict[int, ShardBuffer] = {}
+    in_flight: list[Future] = []
+    raw_bytes = 0
+
+    def finish(future: Future) -> None:
+        nonlocal raw_bytes
+        written, images = future.result()
+        raw_bytes += written
+        if progress:
+            progress(images, written)
+
+    def write(buffer: ShardBuffer) -> tuple[int, int]:
+        return cache.write_shard(buffer.shard, buffer.taps, buffer.meta), buffer.rows
+
+    def place(batch: dict, host: dict, event) -> None:
+        if event is not None:
+            event.synchronize()
+        arrays = {t: v.numpy() for t, v in host.items()}
+        valid = batch["valid"].numpy().astype(bool)
+        sizes = batch["orig_size"].numpy()
+        for i, row in enumerate(batch["row"].tolist()):
+            if int(batch["image_id"][i]) != image_ids[row]:
+                raise InvcacheError(
+                    f"image order changed: row {row} is id {int(batch['image_id'][i])}, the cache expects "
+                    f"{image_ids[row]}"
+                )
+            shard = row // cache.shard_size
+            if shard not in buffers:
+                buffers[shard] = ShardBuffer(shard, *cache.shard_bounds(shard), tap_shapes)
+            buffer = buffers[shard]
+            j = row - buffer.start
+            if valid[i]:  # an unreadable image keeps all-zero rows
+                for t in taps:
+                    buffer.taps[t][j] = arrays[t][i]
+            buffer.meta[S.IMAGE_ID][j] = image_ids[row]
+            buffer.meta[S.ORIG_SIZE][j] = sizes[i]
+            buffer.meta[S.VALID][j] = valid[i]
+            buffer.meta[S.FAILURE][j] = batch["error"][i]
+            buffer.filled += 1
+            if buffer.filled == buffer.rows:
+                del buffers[shard]
+                while len(in_flight) >= writers:
+                    finish(in_flight.pop(0))
+                in_flight.append(pool.submit(write, buffer))
+
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer") as pool:
+        previous = None
+        for batch in batches:
+            out = forward_taps(model, batch["input"], taps, amp)
+            current = (batch, *_start_host_copy(out, batch, taps))
+            if previous is not None:
+                place(*previous)
+            previous = current
+        if previous is not None:
+            place(*previous)
+        for future in in_flight:
+            finish(future)
+    if buffers:
+        raise InvcacheError(f"the source ended before shards {sorted(buffers)} were complete")
+    return raw_bytes
