@@ -1,0 +1,94 @@
+"""DETR-R50 at 480×640 on one GPU: forward-only and full extraction images/s, bf16, batch sweep (target ≥ 600).
+
+One command on a single-GPU machine, a few minutes:
+
+    python benchmarks/gpu.py
+
+Forward-only runs the model with every tap on a batch already on the device. Extraction
+is ``invcache extract`` end to end on a synthetic split of COCO-sized JPEGs (decode,
+resize, forward, host copies, compression, writes), timed from the first batch to the
+last shard on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import report  # noqa: E402
+
+from invcache.data import generate_coco, open_split, parse_size  # noqa: E402
+from invcache.extract import ExtractSettings, extract  # noqa: E402
+from invcache.forward import forward_taps  # noqa: E402
+from invcache.models import build_detr  # noqa: E402
+
+
+def forward_only(model, images: torch.Tensor, taps: list[str], iterations: int) -> float:
+    for _ in range(3):
+        forward_taps(model, images, taps, torch.bfloat16)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        forward_taps(model, images, taps, torch.bfloat16)
+    torch.cuda.synchronize()
+    return len(images) * iterations / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="detr-r50")
+    parser.add_argument("--size", default="480x640")
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch-sizes", default="32,64,128")
+    parser.add_argument("--num-workers", type=int, default=12)
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--work-dir", default=None, help="Where the synthetic data and caches go [a temp dir].")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py needs a CUDA device")
+    size = parse_size(args.size)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        generate_coco(root / "coco", "val2017", num_images=args.images, height_range=(427, 640),
+                      width_range=(480, 640))
+        generate_s = time.perf_counter() - started
+        dataset = open_split("coco", "val2017", coco_root=root / "coco", size=size)
+        model = build_detr(args.model, "random:0", device="cuda")
+        taps = model.config.select_taps("all")
+        forward = {}
+        for bs in batch_sizes:
+            batch = torch.stack([dataset[i % len(dataset)]["input"] for i in range(bs)]).cuda()
+            forward[bs] = round(forward_only(model, batch, taps, max(4, 1024 // bs)), 1)
+        del model
+        torch.cuda.empty_cache()
+
+        extraction = {}
+        for bs in batch_sizes:
+            marks = {}
+            settings = ExtractSettings(
+                split="val2017", coco_root=root / "coco", out=root / "cache", model=args.model, weights="random:0",
+                size=size, batch_size=bs, num_workers=args.num_workers, writers=args.writers,
+                shard_size=args.shard_size, overwrite=True,
+            )
+            extract(settings, on_plan=lambda total: marks.setdefault("start", time.perf_counter()))
+            extraction[bs] = round(args.images / (time.perf_counter() - marks["start"]), 1)
+    best_forward, best_extract = max(forward.values()), max(extraction.values())
+    report(
+        "gpu", model=args.model, size=args.size, images=args.images, amp="bf16", taps="all",
+        num_workers=args.num_workers, writers=args.writers, synthetic_data_s=round(generate_s, 1),
+        forward_img_s=forward, extract_img_s=extraction, best_forward_img_s=best_forward,
+        best_extract_img_s=best_extract, extract_vs_forward=round(best_extract / best_forward, 3), target=600,
+    )
+
+
+if __name__ == "__main__":
+    main()
