@@ -34,3 +34,24 @@ def best_of(repeats: int, fn) -> float:
 
 def report(name: str, **figures) -> None:
     print(json.dumps({"benchmark": name, **figures, "machine": machine()}), flush=True)
+
+
+def synthetic_split(root, images: int, distinct: int, height_range, width_range):
+    """A synthetic COCO val2017 of ``images`` entries drawn over ``distinct`` generated JPEGs.
+
+    Generating a JPEG costs more than extracting it, so long runs reuse files under new
+    image ids; every entry is still decoded, resized, forwarded and written on its own.
+    """
+    import json
+
+    from invcache.data import generate_coco
+
+    path = generate_coco(root, "val2017", num_images=min(images, distinct), height_range=height_range,
+                         width_range=width_range)
+    dataset = json.loads(path.read_text())
+    originals = dataset["images"]
+    next_id = max(record["id"] for record in originals) + 1
+    for i in range(images - len(originals)):
+        dataset["images"].append({**originals[i % len(originals)], "id": next_id + i})
+    path.write_text(json.dumps(dataset))
+    return root

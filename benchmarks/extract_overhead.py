@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report, setup  # noqa: E402
+from common import report, setup, synthetic_split  # noqa: E402
 
-from invcache.data import generate_coco, open_split, parse_size  # noqa: E402
+from invcache.data import open_split, parse_size  # noqa: E402
 from invcache.extract import ExtractSettings, extract  # noqa: E402
 from invcache.forward import forward_taps, resolve_amp  # noqa: E402
 from invcache.models import build_detr  # noqa: E402
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--model", default="detr-tiny")
     parser.add_argument("--size", default="128x160")
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--distinct", type=int, default=32, help="Distinct JPEG files behind the images.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--writers", type=int, default=2)
@@ -41,8 +42,8 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        generate_coco(root / "coco", "val2017", num_images=args.images, height_range=(size[0], size[0] * 3 // 2),
-                      width_range=(size[1], size[1] * 3 // 2))
+        synthetic_split(root / "coco", args.images, args.distinct, (size[0], size[0] * 3 // 2),
+                        (size[1], size[1] * 3 // 2))
         dataset = open_split("coco", "val2017", coco_root=root / "coco", size=size)
         model = build_detr(args.model, "random:0", device=device)
         taps = model.config.select_taps("all")

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report  # noqa: E402
+from common import report, synthetic_split  # noqa: E402
 
-from invcache.data import generate_coco, open_split, parse_size  # noqa: E402
+from invcache.data import open_split, parse_size  # noqa: E402
 from invcache.extract import ExtractSettings, extract  # noqa: E402
 from invcache.forward import forward_taps  # noqa: E402
 from invcache.models import build_detr  # noqa: E402
@@ -44,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="detr-r50")
     parser.add_argument("--size", default="480x640")
-    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=6144)
+    parser.add_argument("--distinct", type=int, default=512, help="Distinct JPEG files behind the images.")
     parser.add_argument("--batch-sizes", default="32,64,128")
     parser.add_argument("--num-workers", type=int, default=12)
     parser.add_argument("--writers", type=int, default=8)
@@ -58,8 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        generate_coco(root / "coco", "val2017", num_images=args.images, height_range=(427, 640),
-                      width_range=(480, 640))
+        synthetic_split(root / "coco", args.images, args.distinct, (427, 640), (480, 640))
         generate_s = time.perf_counter() - started
         dataset = open_split("coco", "val2017", coco_root=root / "coco", size=size)
         model = build_detr(args.model, "random:0", device="cuda")

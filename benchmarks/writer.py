@@ -53,14 +53,14 @@ def main() -> None:
             cache = Cache.create(root / "cache", num_images=images,
                                  tap_shapes={t: a.shape[1:] for t, a in data.items()}, shard_size=args.shard_size)
 
-            def one(shard: int) -> None:
+            def one(shard: int, codec_pool) -> None:
                 rows = meta_rows[shard * args.shard_size:(shard + 1) * args.shard_size]
                 meta = {"image_id": rows.astype(np.int64), "orig_size": np.zeros((len(rows), 2), np.int32),
                         "valid": np.ones(len(rows), bool), "failure": np.full(len(rows), "", dtype=object)}
-                cache.write_shard(shard, data, meta)
+                cache.write_shard(shard, data, meta, codec_pool)
 
-            with ThreadPoolExecutor(args.writers) as pool:
-                list(pool.map(one, range(args.shards)))
+            with ThreadPoolExecutor(args.writers) as pool, ThreadPoolExecutor(args.writers) as codec_pool:
+                list(pool.map(lambda shard: one(shard, codec_pool), range(args.shards)))
 
         def memmap_write() -> None:
             for tap, array in data.items():

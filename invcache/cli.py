@@ -142,7 +142,8 @@ def _progress_bar():
 @click.option("--limit", type=int, default=None, help="Only the first N images (ascending id).")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Images per shard.")
 @click.option("--keepbits", type=int, default=None, help="Lossy: keep N float16 mantissa bits (BitRound).")
-@click.option("--writers", type=click.IntRange(1), default=2, show_default=True, help="Shard writer threads.")
+@click.option("--writers", type=click.IntRange(1), default=max(2, min(8, (os.cpu_count() or 1) // 4)),
+              show_default=True, help="Shard writer threads (and as many compression threads).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--force", is_flag=True, help="Start even if the disk estimate exceeds the free space.")

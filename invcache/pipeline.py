@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -78,7 +78,7 @@ def _start_host_copy(out: dict[str, torch.Tensor], batch: dict, taps: list[str])
 def run_extraction(
     cache: Cache,
     batches: Iterator[dict],
-    image_ids: list[int],
+    image_ids: Sequence[int],
     model,
     taps: list[str],
     amp: torch.dtype | None,
@@ -87,6 +87,7 @@ def run_extraction(
 ) -> int:
     """Forward every batch, assemble whole shards, write them; returns the raw bytes written."""
     tap_shapes = {t: tuple(cache.array(t).shape[1:]) for t in taps}
+    image_ids = np.asarray(image_ids, dtype=np.int64)
     buffers: dict[int, ShardBuffer] = {}
     in_flight: list[Future] = []
     raw_bytes = 0
@@ -99,40 +100,45 @@ def run_extraction(
             progress(images, written)
 
     def write(buffer: ShardBuffer) -> tuple[int, int]:
-        return cache.write_shard(buffer.shard, buffer.taps, buffer.meta), buffer.rows
+        return cache.write_shard(buffer.shard, buffer.taps, buffer.meta, codec_pool), buffer.rows
 
     def place(batch: dict, host: dict, event) -> None:
         if event is not None:
             event.synchronize()
         arrays = {t: v.numpy() for t, v in host.items()}
         valid = batch["valid"].numpy().astype(bool)
-        sizes = batch["orig_size"].numpy()
-        for i, row in enumerate(batch["row"].tolist()):
-            if int(batch["image_id"][i]) != image_ids[row]:
-                raise InvcacheError(
-                    f"image order changed: row {row} is id {int(batch['image_id'][i])}, the cache expects "
-                    f"{image_ids[row]}"
-                )
-            shard = row // cache.shard_size
+        batch_rows = batch["row"].numpy()
+        batch_ids = batch["image_id"].numpy()
+        expected = image_ids[batch_rows]
+        if not np.array_equal(batch_ids, expected):
+            i = int(np.flatnonzero(batch_ids != expected)[0])
+            raise InvcacheError(
+                f"image order changed: row {batch_rows[i]} is id {batch_ids[i]}, the cache expects {expected[i]}"
+            )
+        for first, last in _runs(batch_rows, cache.shard_size):
+            shard = int(batch_rows[first]) // cache.shard_size
             if shard not in buffers:
                 buffers[shard] = ShardBuffer(shard, *cache.shard_bounds(shard), tap_shapes)
             buffer = buffers[shard]
-            j = row - buffer.start
-            if valid[i]:  # an unreadable image keeps all-zero rows
-                for t in taps:
-                    buffer.taps[t][j] = arrays[t][i]
-            buffer.meta[S.IMAGE_ID][j] = image_ids[row]
-            buffer.meta[S.ORIG_SIZE][j] = sizes[i]
-            buffer.meta[S.VALID][j] = valid[i]
-            buffer.meta[S.FAILURE][j] = batch["error"][i]
-            buffer.filled += 1
+            rows = slice(int(batch_rows[first]) - buffer.start, int(batch_rows[last - 1]) - buffer.start + 1)
+            for t in taps:
+                buffer.taps[t][rows] = arrays[t][first:last]
+                buffer.taps[t][rows][~valid[first:last]] = 0  # an unreadable image keeps all-zero rows
+            buffer.meta[S.IMAGE_ID][rows] = batch_ids[first:last]
+            buffer.meta[S.ORIG_SIZE][rows] = batch["orig_size"].numpy()[first:last]
+            buffer.meta[S.VALID][rows] = valid[first:last]
+            buffer.meta[S.FAILURE][rows] = batch["error"][first:last]
+            buffer.filled += last - first
             if buffer.filled == buffer.rows:
                 del buffers[shard]
                 while len(in_flight) >= writers:
                     finish(in_flight.pop(0))
                 in_flight.append(pool.submit(write, buffer))
 
-    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer") as pool:
+    # Shard threads assemble and store shards; codec threads compress their images, so even the
+    # last shard of a run is compressed by every thread rather than one.
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer") as pool, \
+            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-codec") as codec_pool:
         previous = None
         for batch in batches:
             out = forward_taps(model, batch["input"], taps, amp)
@@ -147,3 +153,12 @@ def run_extraction(
     if buffers:
         raise InvcacheError(f"the source ended before shards {sorted(buffers)} were complete")
     return raw_bytes
+
+
+def _runs(rows: np.ndarray, shard_size: int) -> Iterator[tuple[int, int]]:
+    """[first, last) positions of the batch whose rows are consecutive and in one shard."""
+    first = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1 or rows[i] // shard_size != rows[first] // shard_size:
+            yield first, i
+            first = i

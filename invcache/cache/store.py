@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import Executor
 
 import numpy as np
 import zarr
@@ -124,10 +125,16 @@ class Cache:
             key = array.metadata.encode_chunk_key((chunk, *([0] * (array.ndim - 1))))
             sync(array.store_path.store.delete(f"{array.path}/{key}"))
 
-    def write_shard(self, shard: int, taps: Mapping[str, np.ndarray], meta: Mapping[str, np.ndarray]) -> int:
+    def write_shard(
+        self,
+        shard: int,
+        taps: Mapping[str, np.ndarray],
+        meta: Mapping[str, np.ndarray],
+        pool: Executor | None = None,
+    ) -> int:
         """Write one whole shard of every tap and bookkeeping array, then mark it complete.
 
-        Returns the number of raw (uncompressed) bytes written.
+        ``pool`` compresses the images of each tap in parallel. Returns the raw bytes written.
         """
         start, stop = self.shard_bounds(shard)
         written = 0
@@ -137,7 +144,7 @@ class Cache:
             if name in taps:
                 if name not in self._encoders:
                     self._encoders[name] = ShardEncoder(self.array(name))
-                self._encoders[name].write(shard, values)
+                self._encoders[name].write(shard, values, pool)
             else:
                 self.array(name)[start:stop] = values
             written += values.nbytes if values.dtype != object else 0
