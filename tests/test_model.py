@@ -81,5 +81,5 @@ def test_cuda_matches_cpu(tiny, monkeypatch):
     cpu = forward_taps(tiny, images, ["head.logits"])
     gpu = forward_taps(build_detr("detr-tiny", "random:0", device="cuda"), images, ["head.logits"], amp=None)
     assert (gpu["head.logits"].cpu() - cpu["head.logits"]).abs().max() < 1e-3
-    bf16 = forward_taps(build_detr("detr-tiny", "random:0", device="cuda"), images, ["head.logits"])
+    bf16 = forward_taps(build_detr("detr-tiny", "random:0", device="cuda"), images, ["head.logits"], torch.bfloat16)
     assert (bf16["head.logits"].float().cpu() - cpu["head.logits"]).abs().mean() < 0.05
