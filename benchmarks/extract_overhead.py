@@ -51,7 +51,7 @@ def main() -> None:
 
         def bare() -> float:
             start = time.perf_counter()
-            batches = loader_batches(dataset, list(range(len(dataset))), args.batch_size, args.num_workers, device)
+            batches = loader_batches(dataset, list(range(len(dataset))), args.batch_size, args.num_workers)
             for batch in batches:
                 forward_taps(model, batch["input"], taps, amp)
             if device.type == "cuda":

@@ -133,7 +133,7 @@ def extract(
     started = time.perf_counter()
     rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
     raw_bytes = run_extraction(
-        cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers, device), image_ids,
+        cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
         model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
     ) if rows else 0
     _barrier(world)

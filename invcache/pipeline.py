@@ -1,6 +1,7 @@
 """The extraction loop: batches in, whole shards out, with the device, the host and the writers overlapped.
 
-- DataLoader workers decode and resize (pinned memory on CUDA);
+- DataLoader workers decode and resize (no pinning thread: uint8 batches are small and the
+  copy to the device is not what limits a run);
 - the forward of batch i+1 is queued on the device before the host copies batch i's taps
   (a non-blocking device-to-host copy into pinned memory, waited on one batch later);
 - rows are gathered into whole-shard buffers; a full shard goes to a pool of writer threads
@@ -38,14 +39,14 @@ class ShardBuffer:
         self.filled = 0
 
 
-def loader_batches(dataset, rows: list[int], batch_size: int, num_workers: int, device: torch.device) -> Iterator[dict]:
+def loader_batches(dataset, rows: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
     """Batches of the given dataset rows, in order, each with its ``row`` numbers."""
     if hasattr(dataset, "iter_rows"):
         yield from dataset.iter_rows(rows, batch_size, num_workers)
         return
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
     )
     position = 0
     for batch in loader:

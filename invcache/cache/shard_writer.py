@@ -11,7 +11,10 @@ parallel). Reading stays entirely zarr's; the tests read every written shard bac
 
 from __future__ import annotations
 
+import os
+import uuid
 from concurrent.futures import Executor
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -20,6 +23,7 @@ from numcodecs import BitRound, Blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 _EMPTY = np.iinfo(np.uint64).max
 
@@ -44,32 +48,47 @@ class ShardEncoder:
         self.bitround = BitRound(keepbits=filters[0].codec_config["keepbits"]) if filters else None
         self.dtype = array.dtype
 
-    def _encode_row(self, row: np.ndarray) -> bytes:
-        data = self.bitround.encode(row) if self.bitround is not None else row
-        compressed = self.blosc.encode(np.ascontiguousarray(data).view(np.uint8).ravel())
-        return bytes(compressed) + np.uint32(crc32c(compressed)).tobytes()
+    def _encode_rows(self, rows: np.ndarray) -> list[bytes]:
+        pieces = []
+        for row in rows:
+            data = self.bitround.encode(row) if self.bitround is not None else row
+            compressed = self.blosc.encode(np.ascontiguousarray(data).view(np.uint8).ravel())
+            pieces.append(bytes(compressed) + np.uint32(crc32c(compressed)).tobytes())
+        return pieces
 
-    def encode(self, rows: np.ndarray, pool: Executor | None = None) -> bytes:
-        """The shard's bytes; with ``pool``, its images are compressed in parallel."""
+    def encode(self, rows: np.ndarray, pool: Executor | None = None) -> list[bytes]:
+        """The shard's bytes, as pieces to concatenate; with ``pool``, blocks of images compress in parallel."""
         if rows.shape[1:] != self.row_shape or len(rows) > self.chunks_per_shard:
             raise ValueError(f"{self.array.path}: rows of shape {rows.shape} do not fit a shard")
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        pieces = list(pool.map(self._encode_row, rows)) if pool is not None else [self._encode_row(r) for r in rows]
+        blocks = [rows[i:i + _ROWS_PER_TASK] for i in range(0, len(rows), _ROWS_PER_TASK)]
+        encoded = pool.map(self._encode_rows, blocks) if pool is not None else map(self._encode_rows, blocks)
+        pieces = [piece for block in encoded for piece in block]
         lengths = np.array([len(p) for p in pieces], dtype="<u8")
         index = np.full((self.chunks_per_shard, 2), _EMPTY, dtype="<u8")
         index[: len(pieces), 0] = np.cumsum(lengths) - lengths
         index[: len(pieces), 1] = lengths
         index_bytes = index.tobytes()
         pieces.append(index_bytes + np.uint32(crc32c(index_bytes)).tobytes())
-        return b"".join(pieces)
+        return pieces
 
     def write(self, shard: int, rows: np.ndarray, pool: Executor | None = None) -> int:
         """Store shard ``shard`` (rows start at ``shard * shard_size``); returns the stored bytes."""
-        data = self.encode(rows, pool)
-        key = self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))
-        buffer = default_buffer_prototype().buffer.from_bytes(data)
-        sync(self.array.store_path.store.set(f"{self.array.path}/{key}", buffer))
-        return len(data)
+        pieces = self.encode(rows, pool)
+        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))}"
+        store = self.array.store_path.store
+        if isinstance(store, LocalStore):
+            # Straight to disk from this thread, atomically like zarr's LocalStore, without a joined copy.
+            path = Path(store.root) / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+            with open(partial, "wb") as f:
+                f.writelines(pieces)
+            os.replace(partial, path)
+        else:
+            sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(pieces))))
+        return sum(len(p) for p in pieces)
 
 
+_ROWS_PER_TASK = 16
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}

@@ -27,6 +27,7 @@ class Cache:
         self.group = group
         self.location = location
         self._encoders: dict[str, ShardEncoder] = {}
+        self._arrays: dict[str, zarr.Array] = {}
 
     # -- creation and opening -------------------------------------------------------------
 
@@ -107,7 +108,10 @@ class Cache:
         return start, min(start + self.shard_size, self.num_images)
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[S.array_path(name)]
+        """The zarr array of a tap or bookkeeping array (opened once: each open reads its metadata)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[S.array_path(name)]
+        return self._arrays[name]
 
     def settings(self) -> dict:
         return {k: self.group.attrs.get(k) for k in S.SETTINGS_KEYS}
