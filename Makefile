@@ -8,7 +8,7 @@ TORCH := torch==2.9.1 torchvision==0.24.1
 else
 TORCH := torch==2.14.1 torchvision==0.29.1
 endif
-DEMO_DIR ?= invcache-runs/demo
+DEMO_ROOT ?= invcache-runs/demo
 
 .PHONY: setup test demo clean
 
@@ -26,8 +26,10 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/invcache synthetic --out $(DEMO_DIR)/coco --split val2017 --images 8
-	$(VENV)/bin/invcache taps --model detr-tiny --weights random:0 --coco-root $(DEMO_DIR)/coco --split val2017 --size 256x320 --images 4 --layers all,backbone.c5
+	$(VENV)/bin/invcache extract --source synthetic --split val2017 --layers all --model detr-tiny \
+		--weights random:0 --size 256x320 --shard-size 8 --root $(DEMO_ROOT)
+	$(VENV)/bin/invcache info $(DEMO_ROOT)/cache/val2017
+	$(VENV)/bin/invcache verify $(DEMO_ROOT)/cache/val2017
 
 clean:
 	rm -rf $(VENV) invcache-runs
