@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from invcache import __version__
 from invcache.cache import schema as S
@@ -30,6 +29,7 @@ from invcache.cache.store import Cache
 from invcache.data import default_workspace, open_split, preprocessing_record
 from invcache.data.preprocess import DEFAULT_SIZE
 from invcache.data.wds import WdsSplit
+from invcache.distributed import barrier, default_device, finish, init_distributed
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.models import build_detr, get_config
@@ -95,8 +95,8 @@ def extract(
     ``progress(images, raw_bytes)`` is called as each shard is written.
     """
     _validate(settings)
-    rank, world = _init_distributed()
-    device = torch.device(settings.device or _default_device(rank))
+    rank, world = init_distributed()
+    device = torch.device(settings.device or default_device(rank))
     config = get_config(settings.model)
     taps = config.select_taps(settings.layers)
     dataset = _open_source(settings)
@@ -118,7 +118,7 @@ def extract(
 
     if rank == 0:
         cache = _create_or_resume(location, settings, attributes, tap_shapes, image_ids)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         cache = Cache.open(location, mode="r+")
 
@@ -136,7 +136,7 @@ def extract(
         cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
         model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
     ) if rows else 0
-    _barrier(world)
+    barrier(world)
     failures = cache.failures()
     if rank == 0:
         cache.group.attrs.update({
@@ -144,8 +144,7 @@ def extract(
             "complete": bool(cache.complete_shards().all()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-    if world > 1:
-        dist.destroy_process_group()
+    finish(world)
     return ExtractResult(
         location, len(image_ids), len(owned), skipped, failures, time.perf_counter() - started, raw_bytes
     )
@@ -160,26 +159,6 @@ def _validate(settings: ExtractSettings) -> None:
         raise UsageError("--limit must be at least 1")
     if settings.keepbits is not None and not 1 <= settings.keepbits <= 10:
         raise UsageError("--keepbits must be between 1 and 10 (float16 has 10 mantissa bits)")
-
-
-def _default_device(rank: int) -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-
-
-def _init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _open_source(settings: ExtractSettings):

@@ -1,0 +1,90 @@
+"""Inverse-module checkpoints: safetensors weights + a JSON file (module spec, training settings, cache fingerprint).
+
+``<dir>/last.*`` also holds the optimizer state and the epoch, so training resumes;
+``<dir>/best.*`` is the module with the lowest validation loss. The cache fingerprint is
+what a module must share with any cache it is chained with or evaluated on: the DETR that
+made the cache (config and weights) and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from invcache.errors import InvcacheError
+from invcache.inverse import InverseSpec, build_inverse
+
+FINGERPRINT_KEYS = ("model", "preprocessing")
+
+
+def cache_fingerprint(cache_attrs: dict) -> dict:
+    model = cache_attrs["model"]
+    return {
+        "model": {"name": model["model"], "config": model["config"], "weights_sha256": model["weights_sha256"]},
+        "preprocessing": cache_attrs["preprocessing"],
+    }
+
+
+def check_compatible(fingerprint: dict, cache_attrs: dict, what: str, where: str) -> None:
+    """Refuse to pair ``what`` (trained on ``fingerprint``) with the cache at ``where``, naming the difference."""
+    other = cache_fingerprint(cache_attrs)
+    diffs = []
+    for key in FINGERPRINT_KEYS:
+        mine, theirs = json.loads(json.dumps(fingerprint[key])), json.loads(json.dumps(other[key]))
+        for sub in sorted(set(mine) | set(theirs)):
+            if mine.get(sub) != theirs.get(sub):
+                diffs.append(f"{key}.{sub}: {mine.get(sub)!r} vs {theirs.get(sub)!r}")
+    if diffs:
+        raise InvcacheError(f"{what} was trained on a cache of another model or preprocessing than {where}: "
+                            f"{'; '.join(diffs)}")
+
+
+def _write_atomic(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def save(directory: Path, stem: str, module: nn.Module, meta: dict,
+         optimizer: torch.optim.Optimizer | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``<stem>.safetensors`` then ``<stem>.json`` (the JSON last: it marks the pair complete)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"module.{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
+    meta = dict(meta)
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for index, values in state["state"].items():
+            for name, value in values.items():
+                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        meta["optimizer_param_groups"] = state["param_groups"]
+    _write_atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
+    _write_atomic(directory / f"{stem}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+
+def load(directory: str | os.PathLike, stem: str = "best", map_location: str = "cpu") -> tuple[nn.Module, dict, dict]:
+    """(module, meta, tensors) of a checkpoint; the module is built from the stored spec and loaded strictly."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / f"{stem}.json", directory / f"{stem}.safetensors"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise InvcacheError(f"no checkpoint {stem} in {directory} (expected {meta_path.name} and {weights_path.name})")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(weights_path), device=map_location)
+    module = build_inverse(InverseSpec(**meta["spec"]))
+    state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
+    module.load_state_dict(state, strict=True)
+    return module, meta, tensors
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, meta: dict, tensors: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
