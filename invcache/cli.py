@@ -244,6 +244,98 @@ def verify(cache_path):
     console.print(f"{cache_path}: every chunk verifies")
 
 
+@cli.command("train")
+@click.argument("name", type=click.Choice(["backbone-inv", "encoder-inv", "decoder-inv", "head-inv"]))
+@click.option("--cache", default=None, help="Training cache [default: <root>/cache/train2017].")
+@click.option("--val-cache", default=None, help="Validation cache [default: <root>/cache/val2017 if present].")
+@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
+              show_default=True)
+@click.option("--from", "source", default=None, help="Train from another tap (a per-layer inverse), e.g. enc.3.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=None, help="[default: the module's: B⁻¹ 3e-3, E⁻¹ 1e-3, D⁻¹ 1e-4, P⁻¹ 1e-3]")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
+              help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
+@click.option("--out", default=None, help="Checkpoint folder [default: <root>/modules/NAME].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--width", type=click.Choice(["full", "small"]), default="full", show_default=True,
+              help="B⁻¹ width: the authors' (~79M parameters) or 1/8 of it for CPUs.")
+@click.option("--class-input", type=click.Choice(["onehot", "scores"]), default="onehot", show_default=True,
+              help="P⁻¹ class input: one-hot argmax (the paper's) or softmax scores.")
+@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
+def train_command(name, cache, val_cache, root, source, epochs, batch_size, lr, amp, out, resume, seed, num_workers,
+                  width, class_input, device):
+    """Train an inverse module from the cache alone (DETR is never run)."""
+    from invcache.train import TrainSettings, train
+
+    settings = TrainSettings(
+        name=name, cache=cache, val_cache=val_cache, workspace=root, source=source, epochs=epochs,
+        batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, num_workers=num_workers,
+        width=width, class_input=class_input, device=device,
+    )
+    show = int(os.environ.get("RANK", "0")) == 0
+    bar = _progress_bar()
+    state = {"task": None, "epoch": 0}
+
+    def report(stage: str, done: int, total: int, loss: float) -> None:
+        if stage == "val":
+            state["epoch"] += 1
+            if show:
+                bar.console.print(f"epoch {state['epoch']}: validation loss {loss:.5f}")
+            return
+        if state["task"] is None:
+            if show:
+                bar.start()
+            state["task"] = bar.add_task(f"train {name}", total=total, rate="")
+        if done == 1:
+            bar.reset(state["task"], total=total)
+        bar.update(state["task"], completed=done, rate=f"loss {loss:.4f}")
+
+    try:
+        result = train(settings, progress=report)
+    finally:
+        bar.stop()
+    if show:
+        console.print(f"{name}: {result.steps} steps, best validation loss {result.best_val_loss:.5f}; "
+                      f"checkpoints in {result.out}")
+
+
+@cli.command("reconstruct")
+@click.option("--stage", "stages", default="all", show_default=True,
+              help="backbone, encoder, decoder, head (comma list) or all.")
+@click.option("--cache", default=None, help="Cache to reconstruct from [default: <root>/cache/val2017].")
+@click.option("--modules", default=None, help="Folder with backbone-inv/ … head-inv/ [default: <root>/modules].")
+@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
+              show_default=True)
+@click.option("--ids", default=None, help="Comma list of COCO image ids.")
+@click.option("--n", "count", type=click.IntRange(1), default=8, show_default=True,
+              help="Otherwise the first N valid images.")
+@click.option("--out", default=None, help="[default: <root>/analysis/reconstruct]")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+def reconstruct_command(stages, cache, modules, root, ids, count, out, device):
+    """Reconstruct images from each stage's cached embedding; PNG grid and per-image MSE."""
+    from invcache.reconstruct import parse_stages, reconstruct
+
+    try:
+        id_list = [int(i) for i in ids.split(",")] if ids else None
+    except ValueError:
+        raise UsageError(f"bad --ids {ids!r}: expected a comma list of integers") from None
+    out = Path(out) if out else root / "analysis" / "reconstruct"
+    results = reconstruct(cache or str(root / "cache" / "val2017"), modules or root / "modules", out,
+                          parse_stages(stages), id_list, count, device)
+    table = Table(title=f"reconstruction MSE over {len(results['images'])} image(s)")
+    for column in ("stage", "normalized", "pixel [0,1]"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for label in ["baseline", *results["stages"]]:
+        table.add_row(label if label != "baseline" else "mean image (baseline)",
+                      f"{results['mean'][f'{label}_mse_normalized']:.4f}",
+                      f"{results['mean'][f'{label}_mse_pixel']:.5f}")
+    console.print(table)
+    console.print(f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}")
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 

@@ -64,7 +64,7 @@ def save(directory: Path, stem: str, module: nn.Module, meta: dict,
                 tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
         meta["optimizer_param_groups"] = state["param_groups"]
     _write_atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
-    _write_atomic(directory / f"{stem}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _write_atomic(directory / f"{stem}.json", lambda p: p.write_text(json.dumps(meta, indent=1, default=str)))
 
 
 def load(directory: str | os.PathLike, stem: str = "best", map_location: str = "cpu") -> tuple[nn.Module, dict, dict]:

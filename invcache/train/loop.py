@@ -78,6 +78,7 @@ class TrainResult:
     steps: int
     best_val_loss: float
     history: list[dict]
+    module: torch.nn.Module
 
 
 def train(settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None = None) -> TrainResult:
@@ -181,7 +182,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
                 f.write(json.dumps(record) + "\n")
         barrier(world)
     finish(world)
-    return TrainResult(out, settings.epochs, step, best, history)
+    return TrainResult(out, settings.epochs, step, best, history, module)
 
 
 @torch.no_grad()
