@@ -147,8 +147,10 @@ def _progress_bar():
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--force", is_flag=True, help="Start even if the disk estimate exceeds the free space.")
+@click.option("--synthetic-images", type=click.IntRange(1), default=None,
+              help="Size of a generated synthetic split [default: 64 train2017, 16 val2017].")
 def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name, weights, size, batch_size,
-            num_workers, device, amp, limit, shard_size, keepbits, writers, overwrite, strict, force):
+            num_workers, device, amp, limit, shard_size, keepbits, writers, overwrite, strict, force, synthetic_images):
     """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable)."""
     from invcache.extract import ExtractSettings
     from invcache.extract import extract as run_extract
@@ -157,7 +159,7 @@ def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name
         split=split, layers=layers, source=source, wds=wds_pattern, coco_root=coco_root, workspace=root, out=out,
         model=model_name, weights=weights, size=size, batch_size=batch_size, num_workers=num_workers,
         device=device, amp=amp, limit=limit, shard_size=shard_size, keepbits=keepbits, overwrite=overwrite,
-        strict=strict, force=force, writers=writers,
+        strict=strict, force=force, writers=writers, synthetic_images=synthetic_images,
     )
     show = int(os.environ.get("RANK", "0")) == 0
     bar = _progress_bar()

@@ -32,6 +32,9 @@ def test_encoder_bytes_equal_zarrs_own_for_full_and_partial_shards(tmp_path, kee
             assert shard_file(tmp_path / "ours", path, shard, values.ndim) == \
                 shard_file(tmp_path / "theirs", path, shard, values.ndim), (tap, shard)
         np.testing.assert_array_equal(ours.array(tap)[:], theirs.array(tap)[:])
+        for shard in range(3):
+            rows = slice(*ours.shard_bounds(shard))
+            np.testing.assert_array_equal(ours.read_shard(tap, shard), theirs.array(tap)[rows])
     if keepbits is None:
         np.testing.assert_array_equal(ours.array("enc.1")[:], data["enc.1"])
 
@@ -42,6 +45,9 @@ def test_zero_rows_read_back_as_zeros(tmp_path):
     rows[1] = 1.5
     ShardEncoder(cache.array("dec.1")).write(0, rows)
     np.testing.assert_array_equal(cache.array("dec.1")[:], rows)
+    np.testing.assert_array_equal(cache.read_shard("dec.1", 0), rows)
+    empty = Cache.create(tmp_path / "e", num_images=2, tap_shapes={"dec.1": (3, 4)}, shard_size=2)
+    assert not empty.read_shard("dec.1", 0).any()
 
 
 def test_write_shard_marks_complete_last_and_clear_shard_removes_it(tmp_path):

@@ -146,9 +146,7 @@ class Cache:
             if len(values) != stop - start:
                 raise ValueError(f"shard {shard} of {name}: {len(values)} rows, expected {stop - start}")
             if name in taps:
-                if name not in self._encoders:
-                    self._encoders[name] = ShardEncoder(self.array(name))
-                self._encoders[name].write(shard, values, pool)
+                self._encoder(name).write(shard, values, pool)
             else:
                 self.array(name)[start:stop] = values
             written += values.nbytes if values.dtype != object else 0
@@ -174,7 +172,22 @@ class Cache:
             ) from None
 
     def read_shard(self, name: str, shard: int) -> np.ndarray:
-        return self.read(name, *self.shard_bounds(shard))
+        """All rows of one shard, decoded in one pass over its file for tap arrays."""
+        start, stop = self.shard_bounds(shard)
+        if name not in self.taps:
+            return self.read(name, start, stop)
+        try:
+            return self._encoder(name).decode(shard, stop - start)
+        except Exception as exc:
+            raise CacheCorruptError(
+                f"{self.location}: array {S.array_path(name)} shard {shard} does not verify "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _encoder(self, name: str) -> ShardEncoder:
+        if name not in self._encoders:
+            self._encoders[name] = ShardEncoder(self.array(name))
+        return self._encoders[name]
 
     def taps_like_decoder(self) -> str:
         decoder_taps = [t for t in self.taps if t.startswith("dec.")]

@@ -1,0 +1,76 @@
+"""Cache reader (shuffled batches of 128 of one tap) vs a raw np.memmap gather of the same bytes (target ≥ 0.5).
+
+Both read a warm page cache: the memmap side gathers 128 random rows per batch from a raw
+float16 file; the reader side is ``CacheSamples`` through a DataLoader, as training uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import report, setup  # noqa: E402
+from writer import activations  # noqa: E402
+
+from invcache.cache.reader import CacheSamples  # noqa: E402
+from invcache.cache.store import Cache  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=2)
+    args = parser.parse_args()
+    setup()
+    rng = np.random.default_rng(0)
+    shard = activations(rng, args.shard_size, args.tokens, 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = Cache.create(root / "cache", num_images=args.images, tap_shapes={"enc.6": shard.shape[1:]},
+                             shard_size=args.shard_size)
+        raw = np.memmap(root / "enc6.raw", dtype=np.float16, mode="w+", shape=(args.images, *shard.shape[1:]))
+        for s in range(cache.num_shards):
+            start, stop = cache.shard_bounds(s)
+            rows = shard[: stop - start]
+            meta = {"image_id": np.arange(start, stop), "orig_size": np.zeros((stop - start, 2), np.int32),
+                    "valid": np.ones(stop - start, bool), "failure": np.full(stop - start, "", dtype=object)}
+            cache.write_shard(s, {"enc.6": rows}, meta)
+            raw[start:stop] = rows
+        raw.flush()
+
+        def memmap_epoch() -> float:
+            order = rng.permutation(args.images)
+            started = time.perf_counter()
+            for i in range(0, args.images, args.batch_size):
+                torch.from_numpy(raw[np.sort(order[i:i + args.batch_size])])
+            return time.perf_counter() - started
+
+        def reader_epoch(epoch: int) -> float:
+            samples = CacheSamples(str(root / "cache"), ["enc.6"], seed=0, epoch=epoch)
+            loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, num_workers=args.num_workers)
+            started = time.perf_counter()
+            count = sum(len(batch["enc.6"]) for batch in loader)
+            assert count == args.images
+            return time.perf_counter() - started
+
+        memmap_epoch()
+        memmap_s = min(memmap_epoch() for _ in range(3))
+        reader_s = min(reader_epoch(e) for e in range(3))
+    nbytes = args.images * shard[0].nbytes
+    report("reader", images=args.images, batch_size=args.batch_size, num_workers=args.num_workers,
+           reader_mb_s=round(nbytes / reader_s / 1e6, 1), memmap_mb_s=round(nbytes / memmap_s / 1e6, 1),
+           ratio=round(memmap_s / reader_s, 3), target=0.5)
+
+
+if __name__ == "__main__":
+    main()
