@@ -14,11 +14,15 @@ CASES = {
     "extract_overhead.py": ["--images", "8", "--distinct", "4", "--size", "64x96", "--batch-size", "4",
                             "--num-workers", "0", "--shard-size", "4"],
     "storage.py": ["--model", "detr-tiny", "--size", "64x96", "--images", "2"],
+    "reader.py": ["--images", "64", "--shard-size", "16", "--tokens", "20", "--batch-size", "16",
+                  "--num-workers", "0"],
+    "train_speed.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "4", "--steps", "2",
+                       "--num-workers", "0"],
     "gpu.py": ["--device", "cpu", "--model", "detr-tiny", "--size", "64x96", "--images", "8", "--distinct", "4",
                "--batch-sizes", "4", "--num-workers", "0", "--writers", "1", "--shard-size", "4"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
-              "gpu.py": "extract_vs_forward"}
+              "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward"}
 
 
 @pytest.mark.slow
