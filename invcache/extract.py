@@ -11,7 +11,6 @@ shards r, r+K, …; rank 0 creates the arrays before any rank writes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -32,6 +31,7 @@ from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, default_device, finish, init_distributed
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
+from invcache.hashing import bytes_sha256
 from invcache.models import build_detr, get_config
 from invcache.pipeline import loader_batches, run_extraction
 from invcache.taps import INPUT
@@ -170,25 +170,6 @@ def _open_source(settings: ExtractSettings):
     )
 
 
-def _normalized(value):
-    return json.loads(json.dumps(value))
-
-
-def _differences(existing: dict, wanted: dict) -> list[str]:
-    diffs = []
-    for key in S.SETTINGS_KEYS:
-        old, new = _normalized(existing.get(key)), _normalized(wanted.get(key))
-        if old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            for sub in sorted(set(old) | set(new)):
-                if old.get(sub) != new.get(sub):
-                    diffs.append(f"{key}.{sub}: {old.get(sub)!r} -> {new.get(sub)!r}")
-        else:
-            diffs.append(f"{key}: {old!r} -> {new!r}")
-    return diffs
-
-
 def _create_or_resume(
     location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict, image_ids: list[int]
 ) -> Cache:
@@ -200,7 +181,7 @@ def _create_or_resume(
                 f"{location} holds something that is not an invcache cache; choose another --out or pass --overwrite"
             ) from None
         if cache.attrs.get("state") == "ready":
-            diffs = _differences(cache.settings(), attributes)
+            diffs = S.differences(cache.settings(), attributes, S.SETTINGS_KEYS)
             if diffs:
                 raise InvcacheError(
                     f"the cache at {location} was made with other settings ({'; '.join(diffs)}); "
@@ -222,7 +203,7 @@ def _create_or_resume(
         "state": "ready",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
-        "image_ids_sha256": _sha256(ids.tobytes()),
+        "image_ids_sha256": bytes_sha256(ids.tobytes()),
     })
     return cache
 
@@ -276,9 +257,3 @@ def _versions() -> dict:
         "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__,
         "python": sys.version.split()[0],
     }
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

@@ -122,14 +122,17 @@ def test_train_never_constructs_detr(workspace, monkeypatch):
 
 
 def test_mismatched_caches_and_modules_are_refused(workspace, tmp_path):
+    modules = tmp_path / "modules"
+    train(quick(workspace, "backbone-inv", epochs=1, out=str(modules / "backbone-inv")))
+    reconstruct(str(workspace / "cache" / "val2017"), modules, tmp_path / "rec", stages=["backbone"], count=2)
     other = make_cache(tmp_path, "val2017", 4, weights="random:5")
     with pytest.raises(InvcacheError, match="weights_sha256"):
-        reconstruct(other, workspace / "modules", tmp_path / "rec", stages=["backbone"])
+        reconstruct(other, modules, tmp_path / "rec", stages=["backbone"])
     with pytest.raises(InvcacheError, match="weights_sha256"):
         train(quick(workspace, "head-inv", val_cache=other, tag="mismatch"))
     resized = make_cache(tmp_path / "b", "val2017", 4, size=(96, 128))
-    with pytest.raises(InvcacheError, match=r"preprocessing.size: \[128, 160\] vs \[96, 128\]"):
-        reconstruct(resized, workspace / "modules", tmp_path / "rec", stages=["backbone"])
+    with pytest.raises(InvcacheError, match=r"preprocessing.size: \[128, 160\] -> \[96, 128\]"):
+        reconstruct(resized, modules, tmp_path / "rec", stages=["backbone"])
 
 
 @pytest.mark.parametrize("name, source, needle", [

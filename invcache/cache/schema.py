@@ -15,6 +15,7 @@ The per-image arrays are chunked by shard, so the writer of a shard owns every c
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -37,6 +38,21 @@ PER_IMAGE_ARRAYS = (IMAGE_ID, ORIG_SIZE, VALID, FAILURE)
 
 # Root attributes that must agree for a run to resume an existing cache.
 SETTINGS_KEYS = ("schema_version", "model", "preprocessing", "source", "taps", "shard_size", "codec")
+
+
+def differences(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
+    """``key.field: old -> new`` for every recorded setting that differs (compared as JSON)."""
+    diffs = []
+    for key in keys:
+        before, after = json.loads(json.dumps(old.get(key))), json.loads(json.dumps(new.get(key)))
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            diffs += [f"{key}.{sub}: {before.get(sub)!r} -> {after.get(sub)!r}"
+                      for sub in sorted(set(before) | set(after)) if before.get(sub) != after.get(sub)]
+        else:
+            diffs.append(f"{key}: {before!r} -> {after!r}")
+    return diffs
 
 
 def tap_dtype(tap: str) -> np.dtype:

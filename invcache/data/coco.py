@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from pycocotools.coco import COCO
 
 from invcache.data.preprocess import DEFAULT_SIZE, load_sample
 from invcache.errors import UsageError
+from invcache.hashing import file_sha256
 
 COCO_HELP = (
     "get COCO 2017 from https://cocodataset.org/#download (images and annotations unpacked under "
@@ -28,14 +28,6 @@ def load_coco(annotation_file: str | os.PathLike) -> COCO:
     """pycocotools' COCO without its progress prints."""
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(annotation_file))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CocoFolder(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from invcache.errors import UsageError, WeightsError
+from invcache.hashing import file_sha256
 from invcache.models.config import DetrConfig
 from invcache.models.detr import DETR
 from invcache.models.hf_convert import hf_to_official, is_hf_state_dict
@@ -105,21 +106,13 @@ def official_checkpoint_path(config: DetrConfig) -> Path:
                 f"put the file at {target} or pass its path with --weights"
             ) from None
     expected = filename.rsplit("-", 1)[1].split(".")[0]
-    digest = sha256_file(target)
+    digest = file_sha256(target)
     if not digest.startswith(expected):
         raise WeightsError(
             f"{target}: sha256 {digest[:16]}… does not start with {expected} as the published file's does; "
             "delete it to download again"
         )
     return target
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def randomize(model: DETR, seed: int) -> None:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from invcache.cache.schema import differences
 from invcache.errors import InvcacheError
 from invcache.inverse import InverseSpec, build_inverse
 
@@ -32,13 +33,7 @@ def cache_fingerprint(cache_attrs: dict) -> dict:
 
 def check_compatible(fingerprint: dict, cache_attrs: dict, what: str, where: str) -> None:
     """Refuse to pair ``what`` (trained on ``fingerprint``) with the cache at ``where``, naming the difference."""
-    other = cache_fingerprint(cache_attrs)
-    diffs = []
-    for key in FINGERPRINT_KEYS:
-        mine, theirs = json.loads(json.dumps(fingerprint[key])), json.loads(json.dumps(other[key]))
-        for sub in sorted(set(mine) | set(theirs)):
-            if mine.get(sub) != theirs.get(sub):
-                diffs.append(f"{key}.{sub}: {mine.get(sub)!r} vs {theirs.get(sub)!r}")
+    diffs = differences(fingerprint, cache_fingerprint(cache_attrs), FINGERPRINT_KEYS)
     if diffs:
         raise InvcacheError(f"{what} was trained on a cache of another model or preprocessing than {where}: "
                             f"{'; '.join(diffs)}")
