@@ -158,18 +158,12 @@ class Cache:
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tap or bookkeeping array; ``dec.0`` reads as DETR's zero queries."""
         if name == DECODER_INPUT:
-            shape = self.array(self.taps_like_decoder()).shape[1:]
-            return np.zeros((stop - start, *shape), S.FLOAT_DTYPE)
-        array = self.array(name)
+            return np.zeros((stop - start, *self._decoder_tap_shape()), S.FLOAT_DTYPE)
         try:
-            return array[start:stop]
+            return self.array(name)[start:stop]
         except Exception as exc:
             first, last = start // self.shard_size, (max(stop, start + 1) - 1) // self.shard_size
-            shards = str(first) if first == last else f"{first}-{last}"
-            raise CacheCorruptError(
-                f"{self.location}: array {S.array_path(name)} shard {shards} does not verify "
-                f"({type(exc).__name__}: {exc})"
-            ) from None
+            raise self._corrupt(name, str(first) if first == last else f"{first}-{last}", exc) from None
 
     def read_shard(self, name: str, shard: int) -> np.ndarray:
         """All rows of one shard, decoded in one pass over its file for tap arrays."""
@@ -179,21 +173,24 @@ class Cache:
         try:
             return self._encoder(name).decode(shard, stop - start)
         except Exception as exc:
-            raise CacheCorruptError(
-                f"{self.location}: array {S.array_path(name)} shard {shard} does not verify "
-                f"({type(exc).__name__}: {exc})"
-            ) from None
+            raise self._corrupt(name, str(shard), exc) from None
+
+    def _corrupt(self, name: str, shards: str, exc: Exception) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"{self.location}: array {S.array_path(name)} shard {shards} does not verify ({type(exc).__name__}: {exc})"
+        )
 
     def _encoder(self, name: str) -> ShardEncoder:
         if name not in self._encoders:
             self._encoders[name] = ShardEncoder(self.array(name))
         return self._encoders[name]
 
-    def taps_like_decoder(self) -> str:
+    def _decoder_tap_shape(self) -> tuple[int, ...]:
+        """dec.0 has the shape of every decoder tap: (queries, d_model)."""
         decoder_taps = [t for t in self.taps if t.startswith("dec.")]
         if not decoder_taps:
             raise InvcacheError(f"{self.location}: dec.0 needs a cached decoder tap to know its shape")
-        return decoder_taps[0]
+        return tuple(self.array(decoder_taps[0]).shape[1:])
 
     def failures(self) -> list[dict]:
         """(image id, reason) of every invalid image in complete shards."""
