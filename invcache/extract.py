@@ -173,37 +173,35 @@ def _open_source(settings: ExtractSettings):
 def _create_or_resume(
     location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict, image_ids: list[int]
 ) -> Cache:
-    if Cache.exists(location) and not settings.overwrite:
-        try:
-            cache = Cache.open(location, mode="r+")
-        except InvcacheError:
+    ids_sha256 = bytes_sha256(np.asarray(image_ids, dtype=np.int64).tobytes())
+    found = Cache.probe(location)
+    if found == "foreign" and not settings.overwrite:
+        raise InvcacheError(
+            f"{location} holds something that is not an invcache cache; choose another --out or pass --overwrite"
+        )
+    if found == "ready" and not settings.overwrite:
+        cache = Cache.open(location, mode="r+")
+        diffs = S.differences(cache.settings(), attributes, S.SETTINGS_KEYS)
+        if cache.attrs.get("image_ids_sha256") != ids_sha256:
+            diffs.append("the source's image ids")
+        if diffs:
             raise InvcacheError(
-                f"{location} holds something that is not an invcache cache; choose another --out or pass --overwrite"
-            ) from None
-        if cache.attrs.get("state") == "ready":
-            diffs = S.differences(cache.settings(), attributes, S.SETTINGS_KEYS)
-            if diffs:
-                raise InvcacheError(
-                    f"the cache at {location} was made with other settings ({'; '.join(diffs)}); "
-                    "pass --overwrite to replace it"
-                )
-            _remove_partial_files(location)
-            _check_disk(location, tap_shapes, _rows_left(cache), settings.force)
-            return cache
+                f"the cache at {location} was made with other settings ({'; '.join(diffs)}); "
+                "pass --overwrite to replace it"
+            )
+        _remove_partial_files(location)
+        _check_disk(location, tap_shapes, _rows_left(cache), settings.force)
+        return cache
+    # Nothing there, a creation that was cut short, or --overwrite: start afresh.
     _check_disk(location, tap_shapes, len(image_ids), settings.force)
-    if Path(location).exists() and "://" not in location:
+    if found != "absent" and "://" not in location:
         shutil.rmtree(location)
-    # "state" is written first and flipped last, so a creation cut short is recreated, never resumed.
     cache = Cache.create(
         location, num_images=len(image_ids), tap_shapes=tap_shapes, shard_size=settings.shard_size,
-        keepbits=settings.keepbits, attributes={**attributes, "state": "creating"},
+        keepbits=settings.keepbits, attributes={**attributes, "state": "creating", "image_ids_sha256": ids_sha256},
     )
-    ids = np.asarray(image_ids, dtype=np.int64)
     cache.group.attrs.update({
-        "state": "ready",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(),
-        "image_ids_sha256": bytes_sha256(ids.tobytes()),
+        "state": "ready", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
     })
     return cache
 

@@ -141,6 +141,31 @@ def test_a_foreign_zarr_group_is_not_overwritten(synthetic_root, tmp_path):
     assert (tmp_path / "theirs" / "data").is_dir()
 
 
+def test_a_folder_with_other_files_is_not_overwritten(synthetic_root, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InvcacheError, match="not an invcache cache"):
+        extract(settings_for(synthetic_root, tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_creation_cut_short_is_recreated(synthetic_root, reference, tmp_path):
+    out, _ = reference
+    Cache.create(tmp_path / "c", num_images=3, tap_shapes={"enc.0": (2, 4)}, attributes={"state": "creating"})
+    assert Cache.probe(tmp_path / "c") == "creating"
+    extract(settings_for(synthetic_root, tmp_path / "c"))
+    assert_same_arrays(out, tmp_path / "c")
+
+
+def test_a_lost_shard_file_of_a_complete_shard_is_named(reference, tmp_path):
+    out, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "dec" / "2" / "c" / "2" / "0" / "0").unlink()
+    problems = verify_cache(str(copy))
+    assert len(problems) == 1 and "dec/2 shard 2" in problems[0] and "missing" in problems[0]
+
+
 def test_disk_estimate_refuses_unless_forced(synthetic_root, tmp_path, monkeypatch, capsys):
     import invcache.extract as E
 

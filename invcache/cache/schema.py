@@ -19,7 +19,7 @@ import json
 import math
 
 import numpy as np
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from invcache.taps import INPUT, tap_path
 
@@ -82,15 +82,18 @@ def tap_codecs(tap: str, keepbits: int | None) -> dict:
 
 
 def per_image_array_specs(num_images: int, shard_size: int) -> dict[str, dict]:
-    """Shape, dtype and chunking of the bookkeeping arrays."""
+    """Shape, dtype, chunking and codecs (zstd, then a crc32c on every chunk) of the bookkeeping arrays."""
     chunk = min(shard_size, max(num_images, 1))
-    return {
+    specs = {
         IMAGE_ID: {"shape": (num_images,), "dtype": np.int64, "chunks": (chunk,)},
         ORIG_SIZE: {"shape": (num_images, 2), "dtype": np.int32, "chunks": (chunk, 2)},
         VALID: {"shape": (num_images,), "dtype": bool, "chunks": (chunk,)},
         FAILURE: {"shape": (num_images,), "dtype": str, "chunks": (chunk,)},
         SHARD_COMPLETE: {"shape": (num_shards(num_images, shard_size),), "dtype": bool, "chunks": (1,)},
     }
+    for spec in specs.values():
+        spec["compressors"] = [ZstdCodec(level=1), Crc32cCodec()]
+    return specs
 
 
 def array_path(name: str) -> str:

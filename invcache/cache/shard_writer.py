@@ -94,8 +94,12 @@ class ShardEncoder:
         return sum(len(p) for p in pieces)
 
 
-    def decode(self, shard: int, rows: int) -> np.ndarray:
-        """The first ``rows`` images of shard ``shard``; raises ChecksumError on any mismatch."""
+    def decode(self, shard: int, rows: int, complete: bool = True) -> np.ndarray:
+        """The first ``rows`` images of shard ``shard``; raises ChecksumError on any mismatch.
+
+        The writer stores every image of a shard, so in a ``complete`` shard a missing file or
+        chunk is damage; an incomplete shard reads as zeros where nothing was written.
+        """
         key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))}"
         store = self.array.store_path.store
         if isinstance(store, LocalStore):
@@ -106,6 +110,8 @@ class ShardEncoder:
             data = buffer.to_bytes() if buffer is not None else None
         out = np.zeros((rows, *self.row_shape), dtype=self.dtype)
         if data is None:
+            if complete:
+                raise ChecksumError("the shard is marked complete but its file is missing")
             return out
         index_size = self.chunks_per_shard * 16
         index_bytes, stored_crc = data[-index_size - 4:-4], data[-4:]
@@ -115,6 +121,8 @@ class ShardEncoder:
         for i in range(rows):
             offset, length = (int(v) for v in index[i])
             if offset == _EMPTY:
+                if complete:
+                    raise ChecksumError(f"image {i} of a complete shard is missing")
                 continue
             chunk = data[offset:offset + length - 4]
             if np.uint32(crc32c(chunk)).tobytes() != data[offset + length - 4:offset + length]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from concurrent.futures import Executor
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -42,16 +43,13 @@ class Cache:
         keepbits: int | None = None,
         attributes: Mapping | None = None,
     ) -> Cache:
-        """Create every array of an empty cache (replacing anything at ``location``)."""
+        """Create every array of an empty cache (replacing anything at ``location``).
+
+        The attributes are written before any array, so a creation cut short still reads as
+        a cache (in whatever ``state`` the caller gave) rather than as a foreign group.
+        """
         location = os.fspath(location)
         group = zarr.open_group(location, mode="w", zarr_format=3)
-        for name, spec in S.per_image_array_specs(num_images, shard_size).items():
-            group.create_array(name, fill_value=_fill(spec["dtype"]), **spec)
-        for tap, shape in tap_shapes.items():
-            group.create_array(
-                S.array_path(tap), shape=(num_images, *shape), dtype=S.tap_dtype(tap),
-                chunks=(1, *shape), shards=(shard_size, *shape), fill_value=0, **S.tap_codecs(tap, keepbits),
-            )
         group.attrs.update({
             **(attributes or {}),
             "schema_version": S.SCHEMA_VERSION,
@@ -60,6 +58,13 @@ class Cache:
             "num_images": num_images,
             "codec": S.codec_record(keepbits),
         })
+        for name, spec in S.per_image_array_specs(num_images, shard_size).items():
+            group.create_array(name, fill_value=_fill(spec["dtype"]), **spec)
+        for tap, shape in tap_shapes.items():
+            group.create_array(
+                S.array_path(tap), shape=(num_images, *shape), dtype=S.tap_dtype(tap),
+                chunks=(1, *shape), shards=(shard_size, *shape), fill_value=0, **S.tap_codecs(tap, keepbits),
+            )
         return cls(group, location)
 
     @classmethod
@@ -74,12 +79,27 @@ class Cache:
         return cls(group, location)
 
     @staticmethod
-    def exists(location: str | os.PathLike) -> bool:
+    def probe(location: str | os.PathLike) -> str:
+        """What is at ``location``: ``absent``, ``foreign`` (anything but a cache), or a cache's ``state``.
+
+        Only a clean "nothing there" counts as absent; a store that fails for another reason raises.
+        """
+        location = os.fspath(location)
+        local = "://" not in location
+        if local and (not Path(location).exists() or not any(Path(location).iterdir())):
+            return "absent"
         try:
-            zarr.open_group(os.fspath(location), mode="r", zarr_format=3)
-        except Exception:
-            return False
-        return True
+            group = zarr.open_group(location, mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return "foreign" if local else "absent"
+        if group.attrs.get("schema_version") is None:
+            return "foreign"
+        return str(group.attrs.get("state", "ready"))
+
+    @staticmethod
+    def exists(location: str | os.PathLike) -> bool:
+        """Whether a finished-creating cache is at ``location``."""
+        return Cache.probe(location) == "ready"
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -171,7 +191,8 @@ class Cache:
         if name not in self.taps:
             return self.read(name, start, stop)
         try:
-            return self._encoder(name).decode(shard, stop - start)
+            complete = bool(self.array(S.SHARD_COMPLETE)[shard])
+            return self._encoder(name).decode(shard, stop - start, complete)
         except Exception as exc:
             raise self._corrupt(name, str(shard), exc) from None
 
