@@ -77,12 +77,13 @@ def to_wds(coco_root: Path, split: str, out: Path, images_per_shard: int) -> Non
 @click.option("--size", default="480x640", show_default=True, callback=_size, help="Resize to HxW.")
 @click.option("--images", "num_images", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--layers", default="all", show_default=True, help="Taps: comma list and globs, or all.")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
               help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
 def taps(model_name, weights, source, wds_pattern, coco_root, root, split, size, num_images, layers, device, amp):
     """Run DETR on a few images and show each requested tap's shape and statistics."""
     from invcache.data import WdsImages, open_split
+    from invcache.distributed import resolve_device
     from invcache.forward import forward_taps, resolve_amp
     from invcache.models import build_detr, get_config
 
@@ -93,9 +94,10 @@ def taps(model_name, weights, source, wds_pattern, coco_root, root, split, size,
     else:
         dataset = open_split(source, split, coco_root=coco_root, workspace=root, size=size)
         samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
+    device = resolve_device(device)
     model = build_detr(model_name, weights, device=device)
     batch = torch.stack([s["input"] for s in samples])
-    out = forward_taps(model, batch, selected, resolve_amp(amp, torch.device(device)))
+    out = forward_taps(model, batch, selected, resolve_amp(amp, device))
 
     table = Table(title=f"{model_name} ({model.fingerprint['weights']}) on {len(samples)} {split} image(s) at "
                         f"{size[0]}x{size[1]}")
@@ -134,14 +136,15 @@ def _progress_bar():
 @click.option("--model", "model_name", default="detr-r50", show_default=True)
 @click.option("--weights", default="official", show_default=True)
 @click.option("--size", default="480x640", show_default=True, callback=_size)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--num-workers", type=int, default=min(8, os.cpu_count() or 1), show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--num-workers", type=click.IntRange(0), default=min(8, os.cpu_count() or 1), show_default=True)
 @click.option("--device", default=None, help="[default: cuda if available, else cpu]")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
               help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
-@click.option("--limit", type=int, default=None, help="Only the first N images (ascending id).")
-@click.option("--shard-size", type=int, default=256, show_default=True, help="Images per shard.")
-@click.option("--keepbits", type=int, default=None, help="Lossy: keep N float16 mantissa bits (BitRound).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images (ascending id).")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True, help="Images per shard.")
+@click.option("--keepbits", type=click.IntRange(1, 10), default=None,
+              help="Lossy: keep N of float16's 10 mantissa bits (BitRound).")
 @click.option("--writers", type=click.IntRange(1), default=max(2, min(8, (os.cpu_count() or 1) // 4)),
               show_default=True, help="Shard writer threads (and as many compression threads).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
@@ -253,15 +256,15 @@ def verify(cache_path):
 @click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
               show_default=True)
 @click.option("--from", "source", default=None, help="Train from another tap (a per-layer inverse), e.g. enc.3.")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--lr", type=float, default=None, help="[default: the module's: B⁻¹ 3e-3, E⁻¹ 1e-3, D⁻¹ 1e-4, P⁻¹ 1e-3]")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
               help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
 @click.option("--out", default=None, help="Checkpoint folder [default: <root>/modules/NAME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True)
 @click.option("--width", type=click.Choice(["full", "small"]), default="full", show_default=True,
               help="B⁻¹ width: the authors' (~79M parameters) or 1/8 of it for CPUs.")
 @click.option("--class-input", type=click.Choice(["onehot", "scores"]), default="onehot", show_default=True,
@@ -315,7 +318,7 @@ def train_command(name, cache, val_cache, root, source, epochs, batch_size, lr, 
 @click.option("--n", "count", type=click.IntRange(1), default=8, show_default=True,
               help="Otherwise the first N valid images.")
 @click.option("--out", default=None, help="[default: <root>/analysis/reconstruct]")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
 def reconstruct_command(stages, cache, modules, root, ids, count, out, device):
     """Reconstruct images from each stage's cached embedding; PNG grid and per-image MSE."""
     from invcache.reconstruct import parse_stages, reconstruct
@@ -342,6 +345,14 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _one_line(error: Exception) -> str:
+    """The message of an error; one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr (exit 2 for usage, 1 otherwise), no traceback."""
     try:
@@ -353,10 +364,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"invcache: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except UsageError as exc:
-        print(f"invcache: error: {exc}", file=sys.stderr)
+        print(f"invcache: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except InvcacheError as exc:
-        print(f"invcache: error: {exc}", file=sys.stderr)
+        print(f"invcache: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -28,7 +28,7 @@ from invcache.cache.store import Cache
 from invcache.data import default_workspace, open_split, preprocessing_record
 from invcache.data.preprocess import DEFAULT_SIZE
 from invcache.data.wds import WdsSplit
-from invcache.distributed import barrier, default_device, finish, init_distributed
+from invcache.distributed import barrier, finish, init_distributed, rank0_first, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.hashing import bytes_sha256
@@ -96,10 +96,11 @@ def extract(
     """
     _validate(settings)
     rank, world = init_distributed()
-    device = torch.device(settings.device or default_device(rank))
+    device = resolve_device(settings.device, rank)
     config = get_config(settings.model)
     taps = config.select_taps(settings.layers)
-    dataset = _open_source(settings)
+    # rank 0 first: a synthetic split is generated once, by one process
+    dataset = rank0_first(lambda: _open_source(settings), lambda: _open_source(settings), rank, world)
     image_ids = dataset.image_ids[: settings.limit] if settings.limit else list(dataset.image_ids)
     if not image_ids:
         raise UsageError(f"no images in {settings.split}")
@@ -116,11 +117,8 @@ def extract(
     }
     location = settings.cache_location()
 
-    if rank == 0:
-        cache = _create_or_resume(location, settings, attributes, tap_shapes, image_ids)
-    barrier(world)
-    if rank != 0:
-        cache = Cache.open(location, mode="r+")
+    cache = rank0_first(lambda: _create_or_resume(location, settings, attributes, tap_shapes, image_ids),
+                        lambda: Cache.open(location, mode="r+"), rank, world)
 
     complete = cache.complete_shards()
     owned = [s for s in range(cache.num_shards) if s % world == rank and not complete[s]]

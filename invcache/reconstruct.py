@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from invcache import taps as T
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
+from invcache.distributed import resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.inverse import InverseSpec, make_spec, normalize_unit, run_inverse, unit_images
 from invcache.train import checkpoint
@@ -102,13 +103,13 @@ def reconstruct(
     stages: list[str] = list(STAGES),
     ids: list[int] | None = None,
     count: int = 8,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> dict:
     """Run the chains of ``stages`` on some images of a cache; write ``grid.png``, ``metrics.json`` and ``.csv``."""
     cache = Cache.open(cache_location)
     attrs = cache.attrs
     names = {name for stage in stages for name in CHAINS[stage]}
-    modules = load_chain_modules(modules_dir, names, attrs, cache_location, torch.device(device))
+    modules = load_chain_modules(modules_dir, names, attrs, cache_location, resolve_device(device))
     taps = sorted({T.INPUT, *(t for stage in stages for t in modules[CHAINS[stage][0]].spec.sources)})
     missing = [t for t in taps if t not in cache.taps and t != T.DECODER_INPUT]
     if missing:
@@ -116,12 +117,13 @@ def reconstruct(
     rows = _rows(cache, ids, count)
     if not rows:
         raise UsageError(f"no valid images to reconstruct in {cache_location}")
-    batch = {t: torch.from_numpy(np.stack([cache.read(t, r, r + 1)[0] for r in rows])).to(device) for t in taps}
+    on = resolve_device(device)
+    batch = {t: torch.from_numpy(np.stack([cache.read(t, r, r + 1)[0] for r in rows])).to(on) for t in taps}
     original = unit_images(batch[T.INPUT])
     mean_image = modules["backbone-inv"].extra.get("mean_image")
     if mean_image is None:
         raise InvcacheError(f"{Path(modules_dir) / 'backbone-inv'} carries no mean training image")
-    baseline = mean_image.to(device).unsqueeze(0).expand_as(original)
+    baseline = mean_image.to(batch[T.INPUT].device).unsqueeze(0).expand_as(original)
 
     reconstructions = {stage: run_chain(stage, modules, batch) for stage in stages}
     image_ids = [int(cache.read(S.IMAGE_ID, r, r + 1)[0]) for r in rows]

@@ -230,6 +230,8 @@ def test_strict_exits_nonzero_after_writing_everything(synthetic_root, tmp_path)
     (["--size", "64x"], "bad size"),
     (["--model", "detr-r42"], "unknown model"),
     (["--keepbits", "12"], "--keepbits"),
+    (["--device", "bogus"], "bad --device"),
+    (["--num-workers", "-1"], "--num-workers"),
 ])
 def test_wrong_cli_values_exit_2(synthetic_root, tmp_path, extra, needle):
     result = run_cli(*cli_args(synthetic_root, tmp_path / "c", *extra))

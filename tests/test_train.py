@@ -170,3 +170,47 @@ def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(works
         assert torch.equal(rank0[key], rank1[key]), key
     assert (tmp_path / "ddp" / "best.safetensors").is_file()
     assert np.isfinite(checkpoint.load(tmp_path / "ddp", "last")[1]["history"][0]["val_loss"])
+
+
+def test_a_torn_checkpoint_pair_is_refused(workspace):
+    import json
+
+    result = train(quick(workspace, "head-inv", epochs=1, tag="torn"))
+    meta_path = result.out / "last.json"
+    meta = json.loads(meta_path.read_text())
+    meta["epoch"] = 7
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InvcacheError, match="do not belong together"):
+        checkpoint.load(result.out, "last")
+
+
+def test_a_cache_without_complete_shards_is_refused(tmp_path):
+    import shutil
+
+    from invcache.cache.store import Cache as C
+
+    source = make_cache(tmp_path / "a", "val2017", 4)
+    shutil.copytree(source, tmp_path / "empty")
+    C.open(tmp_path / "empty", mode="r+").array("shard_complete")[:] = False
+    with pytest.raises(UsageError, match="no complete shard"):
+        train(TrainSettings("head-inv", cache=str(tmp_path / "empty"), epochs=1, num_workers=0,
+                            out=str(tmp_path / "m")))
+    with pytest.raises(UsageError, match="has 4 images, not 5"):
+        make_cache(tmp_path / "a", "val2017", 5)
+
+
+def test_a_corrupt_chunk_read_by_a_worker_is_one_line_naming_it(workspace, tmp_path):
+    import shutil
+
+    copy = tmp_path / "train"
+    shutil.copytree(workspace / "cache" / "train2017", copy)
+    shard_file = copy / "head" / "logits" / "c" / "3" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[100] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "invcache.cli", "train", "head-inv", "--cache", str(copy),
+                             "--epochs", "1", "--batch-size", "32", "--num-workers", "1", "--out",
+                             str(tmp_path / "m")], capture_output=True, text=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("invcache: error")]
+    assert len(errors) == 1 and "head/logits shard 3" in errors[0] and "Traceback" not in result.stderr

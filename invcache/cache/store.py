@@ -130,7 +130,10 @@ class Cache:
     def array(self, name: str) -> zarr.Array:
         """The zarr array of a tap or bookkeeping array (opened once: each open reads its metadata)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[S.array_path(name)]
+            try:
+                self._arrays[name] = self.group[S.array_path(name)]
+            except KeyError:
+                raise InvcacheError(f"{self.location} holds no {name!r}; its taps: {', '.join(self.taps)}") from None
         return self._arrays[name]
 
     def settings(self) -> dict:
@@ -179,9 +182,10 @@ class Cache:
         """Rows [start, stop) of a tap or bookkeeping array; ``dec.0`` reads as DETR's zero queries."""
         if name == DECODER_INPUT:
             return np.zeros((stop - start, *self._decoder_tap_shape()), S.FLOAT_DTYPE)
+        array = self.array(name)
         try:
-            return self.array(name)[start:stop]
-        except Exception as exc:
+            return array[start:stop]
+        except (ValueError, RuntimeError, OSError) as exc:  # checksum, codec and truncated-file errors
             first, last = start // self.shard_size, (max(stop, start + 1) - 1) // self.shard_size
             raise self._corrupt(name, str(first) if first == last else f"{first}-{last}", exc) from None
 
@@ -190,10 +194,10 @@ class Cache:
         start, stop = self.shard_bounds(shard)
         if name not in self.taps:
             return self.read(name, start, stop)
+        complete = bool(self.array(S.SHARD_COMPLETE)[shard])
         try:
-            complete = bool(self.array(S.SHARD_COMPLETE)[shard])
             return self._encoder(name).decode(shard, stop - start, complete)
-        except Exception as exc:
+        except (ValueError, RuntimeError, OSError) as exc:  # checksum, codec and truncated-file errors
             raise self._corrupt(name, str(shard), exc) from None
 
     def _corrupt(self, name: str, shards: str, exc: Exception) -> CacheCorruptError:

@@ -52,7 +52,11 @@ def open_split(
         annotation = root / "annotations" / f"instances_{split}.json"
         if not annotation.is_file():
             generate_coco(root, split, num_images=count)
-        return CocoFolder(root, split, size, kind="synthetic")
+        dataset = CocoFolder(root, split, size, kind="synthetic")
+        if synthetic_images is not None and len(dataset) != synthetic_images:
+            raise UsageError(f"the synthetic {split} in {root} has {len(dataset)} images, not {synthetic_images}; "
+                             f"remove {root / split} and {annotation} to generate it anew")
+        return dataset
     raise UsageError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 

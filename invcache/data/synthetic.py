@@ -164,5 +164,7 @@ def generate_coco(
     }
     path = annotation_path(root, split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataset))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(dataset))
+    os.replace(partial, path)  # the annotation file appears only once the split is whole
     return path

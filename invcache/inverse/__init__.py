@@ -69,7 +69,7 @@ def make_spec(
         if width not in ("full", "small"):
             raise UsageError(f"bad --width {width!r}; choose full or small")
         return InverseSpec(name, [source], T.INPUT, {"in_channels": cfg.d_model, "feature_size": list(feature),
-                                                     "width": width})
+                                                     "width": width, "upsamplings": cfg.stride.bit_length() - 1})
     if name == "encoder-inv":
         return InverseSpec(name, [source], T.enc(0), {**transformer, "num_layers": cfg.num_encoder_layers})
     return InverseSpec(name, [source], enc_last, {**transformer, "num_layers": cfg.num_decoder_layers,

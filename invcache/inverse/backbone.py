@@ -20,21 +20,23 @@ def _block(cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
 
 
 class BackboneInverse(nn.Module):
-    """(B, T, C) tokens of an h×w feature map -> (B, 3, 32h, 32w) image in [0, 1].
+    """(B, T, C) tokens of an h×w feature map -> (B, 3, h·2^u, w·2^u) image in [0, 1].
 
-    1×1 to the first width, two 3×3 stride-1 layers, five 3×3 stride-2 upsamplings and a
-    final 3×3 to RGB, BatchNorm and ReLU between, sigmoid out (~79M parameters at full width).
+    1×1 to the first width, two 3×3 stride-1 layers, ``upsamplings`` 3×3 stride-2 layers
+    (five for DETR's stride 32, four for DC5's 16) and a final 3×3 to RGB, BatchNorm and
+    ReLU between, sigmoid out (~79M parameters at full width, stride 32).
     """
 
-    def __init__(self, in_channels: int, feature_size: tuple[int, int], width: str = "full") -> None:
+    def __init__(self, in_channels: int, feature_size: tuple[int, int], width: str = "full",
+                 upsamplings: int = 5) -> None:
         super().__init__()
         divisor = SMALL_DIVISOR if width == "small" else 1
         w = [max(c // divisor, 8) for c in WIDTHS]
         self.feature_size = tuple(feature_size)
         layers = _block(in_channels, w[0], 1, 1) + _block(w[0], w[1], 3, 1) + _block(w[1], w[2], 3, 1)
-        for cin, cout in zip(w[2:7], w[3:8]):
+        for cin, cout in zip(w[2:2 + upsamplings], w[3:3 + upsamplings]):
             layers += _block(cin, cout, 3, 2)
-        layers.append(nn.ConvTranspose2d(w[7], 3, 3, padding=1))
+        layers.append(nn.ConvTranspose2d(w[2 + upsamplings], 3, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,7 +59,9 @@ def save(directory: Path, stem: str, module: nn.Module, meta: dict,
             for name, value in values.items():
                 tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
         meta["optimizer_param_groups"] = state["param_groups"]
-    _write_atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
+    # The epoch in both files tells a matching pair from one torn by a kill between the two writes.
+    stamp = {"epoch": str(meta.get("epoch"))}
+    _write_atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p), metadata=stamp))
     _write_atomic(directory / f"{stem}.json", lambda p: p.write_text(json.dumps(meta, indent=1, default=str)))
 
 
@@ -69,6 +72,12 @@ def load(directory: str | os.PathLike, stem: str = "best", map_location: str = "
     if not meta_path.is_file() or not weights_path.is_file():
         raise InvcacheError(f"no checkpoint {stem} in {directory} (expected {meta_path.name} and {weights_path.name})")
     meta = json.loads(meta_path.read_text())
+    with safe_open(str(weights_path), framework="pt") as f:
+        stamp = (f.metadata() or {}).get("epoch")
+    if stamp != str(meta.get("epoch")):
+        raise InvcacheError(f"{directory}: {weights_path.name} (epoch {stamp}) and {meta_path.name} (epoch "
+                            f"{meta.get('epoch')}) do not belong together; a save was interrupted — "
+                            "rerun with --resume from an intact copy or start the run anew")
     tensors = load_file(str(weights_path), device=map_location)
     module = build_inverse(InverseSpec(**meta["spec"]))
     state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
 from invcache.data import default_workspace
-from invcache.distributed import barrier, default_device, finish, init_distributed
+from invcache.distributed import barrier, finish, init_distributed, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse, unit_images
@@ -86,7 +87,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     if settings.epochs < 1 or settings.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
     rank, world = init_distributed()
-    device = torch.device(settings.device or default_device(rank))
+    device = resolve_device(settings.device, rank)
     amp = resolve_amp(settings.amp, device)
 
     location = settings.cache_location()
@@ -103,18 +104,28 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     if missing:
         raise UsageError(f"{location} lacks the taps {', '.join(missing)} that {spec.name} needs; "
                          f"extract them with --layers")
+    complete = cache.complete_shards()
+    if not complete.any():
+        raise UsageError(f"{location} has no complete shard yet; finish its extraction first")
+    if not complete.all():
+        print(f"warning: {location} is partly extracted ({int(complete.sum())} of {len(complete)} shards); "
+              "training on the complete ones", file=sys.stderr)
     fingerprint = checkpoint.cache_fingerprint(attrs)
     val_location = settings.val_location()
     if val_location:
-        checkpoint.check_compatible(fingerprint, Cache.open(val_location).attrs, f"the training cache {location}",
+        val_cache = Cache.open(val_location)
+        checkpoint.check_compatible(fingerprint, val_cache.attrs, f"the training cache {location}",
                                     f"the validation cache {val_location}")
+        missing = [t for t in taps if t not in set(val_cache.taps) | {T.DECODER_INPUT}]
+        if missing:
+            raise UsageError(f"the validation cache {val_location} lacks the taps {', '.join(missing)}")
 
     out = settings.out_dir()
     lr = settings.lr or LEARNING_RATES[spec.name]
     torch.manual_seed(settings.seed)
     module = build_inverse(spec).to(device)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    start_epoch, step, best, history, mean_image = 0, 0, math.inf, [], None
+    start_epoch, step, best, history, mean_image, scaler_state = 0, 0, math.inf, [], None, None
     if (out / "last.json").exists():
         if not settings.resume:
             raise InvcacheError(f"{out} already holds a training run; pass --resume to continue it or --out elsewhere")
@@ -126,8 +137,11 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
         checkpoint.load_optimizer_state(optimizer, meta, tensors)
         start_epoch, step, best, history = meta["epoch"], meta["step"], meta["best_val_loss"], meta["history"]
         mean_image = tensors.get("extra.mean_image")
+        scaler_state = meta.get("grad_scaler")
     trainee = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
 
     meta_base = {
         "spec": spec.to_dict(), "cache": fingerprint, "train_cache": location, "val_cache": val_location,
@@ -174,7 +188,8 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
             extra = {"mean_image": mean_image} if mean_image is not None else None
             improved = val_loss < best
             best = min(best, val_loss)
-            meta = {**meta_base, "epoch": epoch + 1, "step": step, "best_val_loss": best, "history": history}
+            meta = {**meta_base, "epoch": epoch + 1, "step": step, "best_val_loss": best, "history": history,
+                    "grad_scaler": scaler.state_dict()}
             if improved:
                 checkpoint.save(out, "best", module, meta, extra=extra)
             checkpoint.save(out, "last", module, meta, optimizer=optimizer, extra=extra)
