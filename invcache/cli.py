@@ -220,8 +220,8 @@ def info(cache_path):
                   f"checksum {codec['checksum']}, keepbits {codec['keepbits']}")
     if summary.get("keepbits_error"):
         err = summary["keepbits_error"]
-        console.print(f"lossy error (keepbits {codec['keepbits']}): max relative {err['max_relative']:.2e}, "
-                      f"mean relative {err['mean_relative']:.2e}")
+        console.print(f"lossy error (keepbits {codec['keepbits']}): relative error at most {err['max_relative']:.2e}, "
+                      f"expected mean {err['expected_mean_relative']:.2e}")
     model = summary["attrs"].get("model", {})
     source = summary["attrs"].get("source", {})
     console.print(f"model: {model.get('model')} weights {model.get('weights')} "

@@ -2,11 +2,11 @@
 
 DataLoader workers decode and resize; the forward runs under inference mode (and autocast
 on GPU); rows are gathered into whole-shard buffers that a pool of writer threads
-compresses and writes while the next batches run. At most ``writers + 1`` shard buffers
-exist at a time. A shard is marked complete only after all of its arrays are written, so
-rerunning the same command after a crash skips complete shards, clears and rewrites the
-rest, and ends with the arrays an uninterrupted run writes. Under ``torchrun`` rank r owns
-shards r, r+K, …; rank 0 creates the arrays before any rank writes.
+compresses and writes while the next batches run (``invcache.pipeline``). A shard is
+marked complete only after all of its arrays are written, so rerunning the same command
+after a crash skips complete shards, clears and rewrites the rest, and ends with the
+arrays an uninterrupted run writes. Under ``torchrun`` rank r owns shards r, r+K, …;
+rank 0 creates the arrays before any rank writes.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def extract(
     for shard in owned:
         cache.clear_shard(shard)
     if on_plan:
-        on_plan(sum(cache.shard_bounds(s)[1] - cache.shard_bounds(s)[0] for s in owned))
+        on_plan(cache.rows_in(owned))
 
     started = time.perf_counter()
     rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
@@ -188,7 +188,7 @@ def _create_or_resume(
                 "pass --overwrite to replace it"
             )
         _remove_partial_files(location)
-        _check_disk(location, tap_shapes, _rows_left(cache), settings.force)
+        _check_disk(location, tap_shapes, cache.rows_in(np.flatnonzero(~cache.complete_shards())), settings.force)
         return cache
     # Nothing there, a creation that was cut short, or --overwrite: start afresh.
     _check_disk(location, tap_shapes, len(image_ids), settings.force)
@@ -202,11 +202,6 @@ def _create_or_resume(
         "state": "ready", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
     })
     return cache
-
-
-def _rows_left(cache: Cache) -> int:
-    complete = cache.complete_shards()
-    return sum(cache.shard_bounds(s)[1] - cache.shard_bounds(s)[0] for s in range(cache.num_shards) if not complete[s])
 
 
 def _remove_partial_files(location: str) -> None:

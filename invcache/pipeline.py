@@ -5,8 +5,9 @@
 - the forward of batch i+1 is queued on the device before the host copies batch i's taps
   (a non-blocking device-to-host copy into pinned memory, waited on one batch later);
 - rows are gathered into whole-shard buffers; a full shard goes to a pool of writer threads
-  while the loop continues; at most ``writers`` shards are being written and one or two
-  are being filled, so memory stays bounded.
+  while the loop continues; at most ``writers`` shards are being written while the next are
+  filled (one or two for a folder source, whose batches arrive in row order; up to one per
+  DataLoader worker for webdataset), so memory stays bounded.
 """
 
 from __future__ import annotations

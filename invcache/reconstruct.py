@@ -21,9 +21,10 @@ from PIL import Image, ImageDraw
 from invcache import taps as T
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
+from invcache.data.preprocess import normalize_unit, unit_images
 from invcache.distributed import resolve_device
 from invcache.errors import InvcacheError, UsageError
-from invcache.inverse import InverseSpec, make_spec, normalize_unit, run_inverse, unit_images
+from invcache.inverse import InverseSpec, make_spec, run_inverse
 from invcache.train import checkpoint
 
 STAGES = ("backbone", "encoder", "decoder", "head")

@@ -127,6 +127,10 @@ class Cache:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_images)
 
+    def rows_in(self, shards) -> int:
+        """How many images the given shards hold (the last shard may be short)."""
+        return sum(self.shard_bounds(s)[1] - self.shard_bounds(s)[0] for s in shards)
+
     def array(self, name: str) -> zarr.Array:
         """The zarr array of a tap or bookkeeping array (opened once: each open reads its metadata)."""
         if name not in self._arrays:

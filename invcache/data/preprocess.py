@@ -97,12 +97,21 @@ def resize_uint8(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.array(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
+def unit_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1] (NHWC-strided: convolutions like that on GPU)."""
+    return images.permute(0, 3, 1, 2).float().div(255.0)
+
+
+def normalize_unit(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (B, 3, H, W) -> normalized with ImageNet's mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W) normalized with ImageNet's mean and std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - mean) / std
+    """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W): exactly what the model sees."""
+    return normalize_unit(unit_images(images))
 
 
 @dataclass

@@ -85,8 +85,6 @@ class WdsImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         return (sample.as_dict() for sample in self.samples())
 
-    def source_record(self) -> dict:
-        return {"kind": "wds", "urls": self.urls, "annotation_sha256": None}
 
 
 class WdsSplit:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from invcache import taps as T
-from invcache.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from invcache.data.preprocess import normalize_unit, unit_images
 from invcache.errors import UsageError
 from invcache.inverse.backbone import BackboneInverse
 from invcache.inverse.decoder import DecoderInverse
@@ -83,18 +83,6 @@ def build_inverse(spec: InverseSpec) -> nn.Module:
     return kinds[spec.name](**config)
 
 
-def normalize_unit(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images (B, 3, H, W) -> ImageNet-normalized."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-def unit_images(stored: torch.Tensor) -> torch.Tensor:
-    """Cached uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
-    return stored.permute(0, 3, 1, 2).float().div(255.0)
-
-
 def run_inverse(spec: InverseSpec, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The module's prediction from a batch holding its source taps (cast to float on the device)."""
     inputs = [batch[t].float() for t in spec.sources]
@@ -110,6 +98,5 @@ def inverse_loss(spec: InverseSpec, prediction: torch.Tensor, batch: dict[str, t
 
 
 __all__ = [
-    "LEARNING_RATES", "NAMES", "InverseSpec", "build_inverse", "inverse_loss", "make_spec", "normalize_unit",
-    "run_inverse", "unit_images",
+    "LEARNING_RATES", "NAMES", "InverseSpec", "build_inverse", "inverse_loss", "make_spec", "run_inverse",
 ]

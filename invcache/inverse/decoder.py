@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from invcache.models.position import sine_position_encoding
-from invcache.models.transformer import Decoder
+from invcache.models.transformer import Decoder, xavier_init
 
 
 class DecoderInverse(nn.Module):
@@ -17,9 +17,7 @@ class DecoderInverse(nn.Module):
                  feature_size: tuple[int, int], num_queries: int) -> None:
         super().__init__()
         self.decoder = Decoder(num_layers, d_model, nhead, dim_feedforward)
-        for p in self.decoder.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self.decoder)
         self.memory_pos = nn.Embedding(num_queries, d_model)
         self.register_buffer("query_pos", sine_position_encoding(*feature_size, d_model // 2), persistent=False)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from invcache.models.position import sine_position_encoding
-from invcache.models.transformer import Encoder
+from invcache.models.transformer import Encoder, xavier_init
 
 
 class EncoderInverse(nn.Module):
@@ -16,9 +16,7 @@ class EncoderInverse(nn.Module):
                  feature_size: tuple[int, int]) -> None:
         super().__init__()
         self.encoder = Encoder(num_layers, d_model, nhead, dim_feedforward)
-        for p in self.encoder.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self.encoder)
         self.register_buffer("pos", sine_position_encoding(*feature_size, d_model // 2), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

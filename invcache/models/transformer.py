@@ -70,6 +70,13 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
 
+def xavier_init(module: nn.Module) -> None:
+    """DETR's initialisation of its transformer: Xavier-uniform for every matrix."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class Transformer(nn.Module):
     def __init__(
         self, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int, dim_feedforward: int
@@ -77,6 +84,4 @@ class Transformer(nn.Module):
         super().__init__()
         self.encoder = Encoder(num_encoder_layers, d_model, nhead, dim_feedforward)
         self.decoder = Decoder(num_decoder_layers, d_model, nhead, dim_feedforward)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from invcache.data.preprocess import normalize_unit
 from invcache.errors import UsageError, WeightsError
 from invcache.hashing import file_sha256
 from invcache.models.config import DetrConfig
@@ -155,9 +156,7 @@ def _calibration_images(generator: torch.Generator) -> torch.Tensor:
     coarse = torch.rand(2, 3, 4, 4, generator=generator)
     smooth = torch.nn.functional.interpolate(coarse, size=(128, 160), mode="bilinear", align_corners=False)
     smooth = (smooth + 0.05 * torch.randn(2, 3, 128, 160, generator=generator)).clamp(0, 1)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    return torch.cat([(smooth - mean) / std, torch.randn(2, 3, 128, 160, generator=generator)])
+    return torch.cat([normalize_unit(smooth), torch.randn(2, 3, 128, 160, generator=generator)])
 
 
 def load_weights(model: DETR, weights: str) -> str:

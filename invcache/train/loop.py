@@ -26,10 +26,11 @@ from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
 from invcache.data import default_workspace
+from invcache.data.preprocess import unit_images
 from invcache.distributed import barrier, finish, init_distributed, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
-from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse, unit_images
+from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse
 from invcache.train import checkpoint
 
 
