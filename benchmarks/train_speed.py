@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--modules", default="backbone-inv,encoder-inv,decoder-inv,head-inv")
     parser.add_argument("--width", default="small", help="B⁻¹ width: small for CPUs, full on a GPU.")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)

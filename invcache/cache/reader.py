@@ -83,7 +83,7 @@ class CacheSamples(torch.utils.data.IterableDataset):
             rows = self.valid_rows[shard]
             if not len(rows):
                 continue
-            blocks = {tap: cache.read_shard(tap, shard) for tap in self.taps}
+            blocks = {tap: cache.read_shard(tap, shard, complete=True) for tap in self.taps}
             ids = cache.read_shard(S.IMAGE_ID, shard)
             for row in rng.permutation(rows) if self.shuffle else rows:
                 sample = {tap: torch.from_numpy(np.ascontiguousarray(block[row])) for tap, block in blocks.items()}

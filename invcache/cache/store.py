@@ -193,12 +193,16 @@ class Cache:
             first, last = start // self.shard_size, (max(stop, start + 1) - 1) // self.shard_size
             raise self._corrupt(name, str(first) if first == last else f"{first}-{last}", exc) from None
 
-    def read_shard(self, name: str, shard: int) -> np.ndarray:
-        """All rows of one shard, decoded in one pass over its file for tap arrays."""
+    def read_shard(self, name: str, shard: int, complete: bool | None = None) -> np.ndarray:
+        """All rows of one shard, decoded in one pass over its file for tap arrays.
+
+        ``complete`` (looked up when not given) makes a missing image an error, not zeros.
+        """
         start, stop = self.shard_bounds(shard)
         if name not in self.taps:
             return self.read(name, start, stop)
-        complete = bool(self.array(S.SHARD_COMPLETE)[shard])
+        if complete is None:
+            complete = bool(self.array(S.SHARD_COMPLETE)[shard])
         try:
             return self._encoder(name).decode(shard, stop - start, complete)
         except (ValueError, RuntimeError, OSError) as exc:  # checksum, codec and truncated-file errors
