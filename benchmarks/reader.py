@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, setup  # noqa: E402
 from writer import activations  # noqa: E402
 
+from invcache.cache import schema as S  # noqa: E402
 from invcache.cache.reader import CacheSamples  # noqa: E402
 from invcache.cache.store import Cache  # noqa: E402
 
@@ -42,8 +43,8 @@ def main() -> None:
         for s in range(cache.num_shards):
             start, stop = cache.shard_bounds(s)
             rows = shard[: stop - start]
-            meta = {"image_id": np.arange(start, stop), "orig_size": np.zeros((stop - start, 2), np.int32),
-                    "valid": np.ones(stop - start, bool), "failure": np.full(stop - start, "", dtype=object)}
+            meta = S.empty_bookkeeping(stop - start)
+            meta[S.IMAGE_ID][:], meta[S.VALID][:] = np.arange(start, stop), True
             cache.write_shard(s, {"enc.6": rows}, meta)
             raw[start:stop] = rows
         raw.flush()

@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import best_of, report, setup  # noqa: E402
 
+from invcache.cache import schema as S  # noqa: E402
 from invcache.cache.store import Cache  # noqa: E402
 
 
@@ -55,8 +56,8 @@ def main() -> None:
 
             def one(shard: int, codec_pool) -> None:
                 rows = meta_rows[shard * args.shard_size:(shard + 1) * args.shard_size]
-                meta = {"image_id": rows.astype(np.int64), "orig_size": np.zeros((len(rows), 2), np.int32),
-                        "valid": np.ones(len(rows), bool), "failure": np.full(len(rows), "", dtype=object)}
+                meta = S.empty_bookkeeping(len(rows))
+                meta[S.IMAGE_ID][:], meta[S.VALID][:] = rows, True
                 cache.write_shard(shard, data, meta, codec_pool)
 
             with ThreadPoolExecutor(args.writers) as pool, ThreadPoolExecutor(args.writers) as codec_pool:

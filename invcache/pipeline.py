@@ -31,12 +31,7 @@ class ShardBuffer:
     def __init__(self, shard: int, start: int, stop: int, tap_shapes: dict) -> None:
         self.shard, self.start, self.rows = shard, start, stop - start
         self.taps = {t: np.zeros((self.rows, *shape), S.tap_dtype(t)) for t, shape in tap_shapes.items()}
-        self.meta = {
-            S.IMAGE_ID: np.zeros(self.rows, np.int64),
-            S.ORIG_SIZE: np.zeros((self.rows, 2), np.int32),
-            S.VALID: np.zeros(self.rows, bool),
-            S.FAILURE: np.full(self.rows, "", dtype=object),
-        }
+        self.meta = S.empty_bookkeeping(self.rows)
         self.filled = 0
 
 

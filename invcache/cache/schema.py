@@ -96,6 +96,16 @@ def per_image_array_specs(num_images: int, shard_size: int) -> dict[str, dict]:
     return specs
 
 
+def empty_bookkeeping(rows: int) -> dict[str, np.ndarray]:
+    """Zeroed per-image bookkeeping rows for one shard (all invalid, no reason) for a writer to fill."""
+    return {
+        IMAGE_ID: np.zeros(rows, np.int64),
+        ORIG_SIZE: np.zeros((rows, 2), np.int32),
+        VALID: np.zeros(rows, bool),
+        FAILURE: np.full(rows, "", dtype=object),
+    }
+
+
 def array_path(name: str) -> str:
     """The path of a tap or bookkeeping array inside the group."""
     return name if name in PER_IMAGE_ARRAYS or name == SHARD_COMPLETE else tap_path(name)

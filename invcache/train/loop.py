@@ -156,7 +156,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
                                              drop_last=world > 1)
         batches = len(samples) / settings.batch_size
         total_steps = int(batches) if world > 1 else math.ceil(batches)
-        image_sum, image_count = torch.zeros(0), 0
+        image_sum, image_count = 0.0, 0
         trainee.train()
         losses = []
         for done, batch in enumerate(loader, start=1):
@@ -171,7 +171,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
             step += 1
             losses.append(loss.item())
             if mean_image is None and spec.target == T.INPUT:
-                image_sum = unit_images(batch[T.INPUT]).sum(0) + (image_sum if image_sum.numel() else 0)
+                image_sum = image_sum + unit_images(batch[T.INPUT]).sum(0)
                 image_count += len(batch[T.INPUT])
             if progress:
                 progress("train", done, total_steps, losses[-1])
