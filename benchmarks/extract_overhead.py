@@ -19,9 +19,9 @@ from common import report, setup, synthetic_split  # noqa: E402
 
 from invcache.data import open_split, parse_size  # noqa: E402
 from invcache.extract import ExtractSettings, extract  # noqa: E402
+from invcache.extract.loop import loader_batches  # noqa: E402
 from invcache.forward import forward_taps, resolve_amp  # noqa: E402
 from invcache.models import build_detr  # noqa: E402
-from invcache.pipeline import loader_batches  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from invcache.errors import InvcacheError, UsageError
 
-T = TypeVar("T")
+Result = TypeVar("Result")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -27,7 +27,7 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def rank0_first(first: Callable[[], T], then: Callable[[], T], rank: int, world: int) -> T:
+def rank0_first(first: Callable[[], Result], then: Callable[[], Result], rank: int, world: int) -> Result:
     """Rank 0 runs ``first``; once it has succeeded the other ranks run ``then``.
 
     A user error on rank 0 is re-raised on every rank, so none is left waiting at a barrier.

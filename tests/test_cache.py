@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from invcache.cache import schema as S
-from invcache.cache.shard_writer import ShardEncoder
+from invcache.cache.shard_codec import ShardCodec
 from invcache.cache.store import Cache
 
 
@@ -22,7 +22,7 @@ def test_encoder_bytes_equal_zarrs_own_for_full_and_partial_shards(tmp_path, kee
     data = {"enc.1": (rng.standard_normal((7, 6, 8)) + 3).astype(np.float16),
             "input": rng.integers(1, 256, (7, 4, 5, 3), dtype=np.uint8)}
     for tap, values in data.items():
-        encoder = ShardEncoder(ours.array(tap))
+        encoder = ShardCodec(ours.array(tap))
         for shard in range(3):
             start, stop = ours.shard_bounds(shard)
             encoder.write(shard, values[start:stop])
@@ -43,7 +43,7 @@ def test_zero_rows_read_back_as_zeros(tmp_path):
     cache = Cache.create(tmp_path / "c", num_images=2, tap_shapes={"dec.1": (3, 4)}, shard_size=2)
     rows = np.zeros((2, 3, 4), np.float16)
     rows[1] = 1.5
-    ShardEncoder(cache.array("dec.1")).write(0, rows)
+    ShardCodec(cache.array("dec.1")).write(0, rows)
     np.testing.assert_array_equal(cache.array("dec.1")[:], rows)
     np.testing.assert_array_equal(cache.read_shard("dec.1", 0), rows)
     empty = Cache.create(tmp_path / "e", num_images=2, tap_shapes={"dec.1": (3, 4)}, shard_size=2)

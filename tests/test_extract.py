@@ -167,7 +167,7 @@ def test_a_lost_shard_file_of_a_complete_shard_is_named(reference, tmp_path):
 
 
 def test_disk_estimate_refuses_unless_forced(synthetic_root, tmp_path, monkeypatch, capsys):
-    import invcache.extract as E
+    import invcache.extract.run as E
 
     monkeypatch.setattr(E.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 10, 10))
     with pytest.raises(InvcacheError, match="not enough disk"):

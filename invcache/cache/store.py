@@ -12,7 +12,7 @@ import zarr
 from zarr.core.sync import sync
 
 from invcache.cache import schema as S
-from invcache.cache.shard_writer import ShardEncoder
+from invcache.cache.shard_codec import ShardCodec
 from invcache.errors import InvcacheError
 from invcache.taps import DECODER_INPUT
 
@@ -27,7 +27,7 @@ class Cache:
     def __init__(self, group: zarr.Group, location: str) -> None:
         self.group = group
         self.location = location
-        self._encoders: dict[str, ShardEncoder] = {}
+        self._codecs: dict[str, ShardCodec] = {}
         self._arrays: dict[str, zarr.Array] = {}
 
     # -- creation and opening -------------------------------------------------------------
@@ -173,7 +173,7 @@ class Cache:
             if len(values) != stop - start:
                 raise ValueError(f"shard {shard} of {name}: {len(values)} rows, expected {stop - start}")
             if name in taps:
-                self._encoder(name).write(shard, values, pool)
+                self._codec(name).write(shard, values, pool)
             else:
                 self.array(name)[start:stop] = values
             written += values.nbytes if values.dtype != object else 0
@@ -204,7 +204,7 @@ class Cache:
         if complete is None:
             complete = bool(self.array(S.SHARD_COMPLETE)[shard])
         try:
-            return self._encoder(name).decode(shard, stop - start, complete)
+            return self._codec(name).decode(shard, stop - start, complete)
         except (ValueError, RuntimeError, OSError) as exc:  # checksum, codec and truncated-file errors
             raise self._corrupt(name, str(shard), exc) from None
 
@@ -213,10 +213,10 @@ class Cache:
             f"{self.location}: array {S.array_path(name)} shard {shards} does not verify ({type(exc).__name__}: {exc})"
         )
 
-    def _encoder(self, name: str) -> ShardEncoder:
-        if name not in self._encoders:
-            self._encoders[name] = ShardEncoder(self.array(name))
-        return self._encoders[name]
+    def _codec(self, name: str) -> ShardCodec:
+        if name not in self._codecs:
+            self._codecs[name] = ShardCodec(self.array(name))
+        return self._codecs[name]
 
     def _decoder_tap_shape(self) -> tuple[int, ...]:
         """dec.0 has the shape of every decoder tap: (queries, d_model)."""

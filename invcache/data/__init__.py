@@ -18,6 +18,7 @@ from invcache.data.preprocess import (
 from invcache.data.synthetic import FAULTS, generate_coco
 from invcache.data.wds import WdsImages, coco_to_wds
 from invcache.errors import UsageError
+from invcache.workspace import Workspace
 
 SOURCES = ("coco", "synthetic")
 SYNTHETIC_IMAGES = {"train2017": 64, "val2017": 16}
@@ -25,10 +26,6 @@ SYNTHETIC_IMAGES = {"train2017": 64, "val2017": 16}
 
 def default_coco_root() -> Path:
     return Path(os.environ.get("COCO_ROOT", "./data/coco"))
-
-
-def default_workspace() -> Path:
-    return Path(os.environ.get("INVCACHE_ROOT", "./invcache-runs"))
 
 
 def open_split(
@@ -47,7 +44,7 @@ def open_split(
     if source == "coco":
         return CocoFolder(coco_root if coco_root is not None else default_coco_root(), split, size)
     if source == "synthetic":
-        root = Path(workspace if workspace is not None else default_workspace()) / "synthetic-coco"
+        root = Workspace.at(workspace).synthetic_coco
         count = synthetic_images or SYNTHETIC_IMAGES.get(split, 16)
         annotation = root / "annotations" / f"instances_{split}.json"
         if not annotation.is_file():
@@ -62,6 +59,6 @@ def open_split(
 
 __all__ = [
     "DEFAULT_SIZE", "FAULTS", "IMAGENET_MEAN", "IMAGENET_STD", "CocoFolder", "Sample", "WdsImages",
-    "coco_to_wds", "default_coco_root", "default_workspace", "generate_coco", "load_coco", "normalize",
+    "coco_to_wds", "default_coco_root", "generate_coco", "load_coco", "normalize",
     "open_split", "parse_size", "preprocessing_record",
 ]

@@ -25,13 +25,13 @@ from invcache import taps as T
 from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
-from invcache.data import default_workspace
 from invcache.data.preprocess import unit_images
 from invcache.distributed import barrier, finish, init_distributed, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse
 from invcache.train import checkpoint
+from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
 
 
 @dataclass
@@ -55,15 +55,15 @@ class TrainSettings:
     buffer_size: int = 1024
 
     def workspace_path(self) -> Path:
-        return Path(self.workspace) if self.workspace is not None else default_workspace()
+        return Workspace.at(self.workspace).root
 
     def cache_location(self) -> str:
-        return self.cache or str(self.workspace_path() / "cache" / "train2017")
+        return self.cache or str(Workspace.at(self.workspace).cache(TRAIN_SPLIT))
 
     def val_location(self) -> str | None:
         if self.val_cache:
             return self.val_cache
-        default = self.workspace_path() / "cache" / "val2017"
+        default = Workspace.at(self.workspace).cache(VAL_SPLIT)
         return str(default) if self.cache is None and Cache.exists(default) else None
 
     def out_dir(self) -> Path:

@@ -9,7 +9,7 @@ with numcodecs called directly (it releases the GIL, so writer threads compress 
 parallel). The tests read every written shard back through zarr as well.
 
 Reading a whole shard has the same problem (zarr decodes at about a third of Blosc's
-speed), so :meth:`ShardEncoder.decode` reads the file once, checks the index's and every
+speed), so :meth:`ShardCodec.decode` reads the file once, checks the index's and every
 chunk's crc32c and decompresses the chunks directly.
 """
 
@@ -32,7 +32,7 @@ from zarr.storage import LocalStore
 _EMPTY = np.iinfo(np.uint64).max
 
 
-class ShardEncoder:
+class ShardCodec:
     """Encoder for the shards of one array, configured from that array's zarr metadata."""
 
     def __init__(self, array: zarr.Array) -> None:

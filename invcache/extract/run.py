@@ -2,7 +2,7 @@
 
 DataLoader workers decode and resize; the forward runs under inference mode (and autocast
 on GPU); rows are gathered into whole-shard buffers that a pool of writer threads
-compresses and writes while the next batches run (``invcache.pipeline``). A shard is
+compresses and writes while the next batches run (``invcache.extract.loop``). A shard is
 marked complete only after all of its arrays are written, so rerunning the same command
 after a crash skips complete shards, clears and rewrites the rest, and ends with the
 arrays an uninterrupted run writes. Under ``torchrun`` rank r owns shards r, r+K, …;
@@ -25,16 +25,17 @@ import torch
 from invcache import __version__
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
-from invcache.data import default_workspace, open_split, preprocessing_record
+from invcache.data import open_split, preprocessing_record
 from invcache.data.preprocess import DEFAULT_SIZE
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, finish, init_distributed, rank0_first, resolve_device
 from invcache.errors import InvcacheError, UsageError
+from invcache.extract.loop import loader_batches, run_extraction
 from invcache.forward import resolve_amp
 from invcache.hashing import bytes_sha256
 from invcache.models import build_detr, get_config
-from invcache.pipeline import loader_batches, run_extraction
 from invcache.taps import INPUT
+from invcache.workspace import Workspace
 
 # Typical Blosc-zstd bit-shuffle ratio on LayerNorm'd fp16 activations (measured, SPEC §3);
 # images are assumed not to compress, so the estimate errs on the safe side.
@@ -69,8 +70,7 @@ class ExtractSettings:
     def cache_location(self) -> str:
         if self.out is not None:
             return os.fspath(self.out)
-        workspace = Path(self.workspace) if self.workspace is not None else default_workspace()
-        return os.fspath(workspace / "cache" / self.split)
+        return os.fspath(Workspace.at(self.workspace).cache(self.split))
 
 
 @dataclass
