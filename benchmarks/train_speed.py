@@ -66,7 +66,7 @@ def main() -> None:
         figures = {}
         for name in args.modules.split(","):
             spec = make_spec(name, attrs, width=args.width)
-            taps = [*spec.sources, spec.target]
+            taps = [*spec.inputs, spec.target]
             module = build_inverse(spec).to(device)
             optimizer = torch.optim.Adam(module.parameters(), lr=LEARNING_RATES[name])
 

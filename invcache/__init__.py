@@ -1,10 +1,58 @@
-"""invcache: feature inversion of detection transformers from a cache of DETR's intermediate tensors."""
+"""invcache: feature inversion of detection transformers from a cache of DETR's intermediate tensors.
 
-from invcache.errors import InvcacheError, UsageError, WeightsError
-from invcache.models import CONFIGS, DETR, DetrConfig, build_detr, get_config
+The public API (SPEC §9). Names load on first use, so ``import invcache`` (and
+``invcache --help``) does not pay for torch until something needs it::
+
+    import invcache
+    model = invcache.build_detr("detr-tiny", "random:0")
+    taps = invcache.forward_taps(model, images, ["enc.0", "head.logits"])
+    cache = invcache.open_cache("invcache-runs/cache/val2017")
+    modules = invcache.load_modules("invcache-runs/modules")
+    images = invcache.invert(modules, "enc.6", cache["enc.6"].torch[:8])
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_EXPORTS = {
+    "InvcacheError": "invcache.errors",
+    "UsageError": "invcache.errors",
+    "WeightsError": "invcache.errors",
+    "Workspace": "invcache.workspace",
+    "ExtractSettings": "invcache.settings",
+    "TrainSettings": "invcache.settings",
+    "CONFIGS": "invcache.models",
+    "DETR": "invcache.models",
+    "DetrConfig": "invcache.models",
+    "build_detr": "invcache.models",
+    "get_config": "invcache.models",
+    "forward_taps": "invcache.forward",
+    "select_taps": "invcache.taps",
+    "open_cache": "invcache.cache",
+    "Cache": "invcache.cache",
+    "load_modules": "invcache.chain",
+    "invert": "invcache.chain",
+    "chain_for": "invcache.chain",
+}
+
 __all__ = [
-    "CONFIGS", "DETR", "DetrConfig", "InvcacheError", "UsageError", "WeightsError", "build_detr", "get_config",
+    "CONFIGS", "DETR", "Cache", "DetrConfig", "ExtractSettings", "InvcacheError", "TrainSettings", "UsageError",
+    "WeightsError", "Workspace", "build_detr", "chain_for", "forward_taps", "get_config", "invert",
+    "load_modules", "open_cache", "select_taps",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'invcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -276,7 +276,7 @@ def train_command(name, cache, val_cache, root, source, epochs, batch_size, lr, 
     from invcache.train import TrainSettings, train
 
     settings = TrainSettings(
-        name=name, cache=cache, val_cache=val_cache, workspace=root, source=source, epochs=epochs,
+        name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=source, epochs=epochs,
         batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, num_workers=num_workers,
         width=width, class_input=class_input, device=device,
     )

@@ -61,9 +61,9 @@ def load_chain_modules(modules_dir: str | os.PathLike, names: set[str], cache_at
         checkpoint.check_compatible(meta["cache"], cache_attrs, f"module {directory}", f"the cache {cache_location}")
         spec = InverseSpec(**meta["spec"])
         expected = make_spec(name, cache_attrs)
-        if spec.sources != expected.sources:
-            raise InvcacheError(f"module {directory} reads {spec.sources}, but the {name} link of a chain reads "
-                                f"{expected.sources}")
+        if spec.inputs != expected.inputs:
+            raise InvcacheError(f"module {directory} reads {spec.inputs}, but the {name} link of a chain reads "
+                                f"{expected.inputs}")
         loaded[name] = LoadedModule(spec, module.to(device).eval(), {
             k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
     return loaded
@@ -111,7 +111,7 @@ def reconstruct(
     attrs = cache.attrs
     names = {name for stage in stages for name in CHAINS[stage]}
     modules = load_chain_modules(modules_dir, names, attrs, cache_location, resolve_device(device))
-    taps = sorted({T.INPUT, *(t for stage in stages for t in modules[CHAINS[stage][0]].spec.sources)})
+    taps = sorted({T.INPUT, *(t for stage in stages for t in modules[CHAINS[stage][0]].spec.inputs)})
     missing = [t for t in taps if t not in cache.taps and t != T.DECODER_INPUT]
     if missing:
         raise UsageError(f"{cache_location} lacks the taps {', '.join(missing)}")

@@ -118,7 +118,7 @@ def test_train_never_constructs_detr(workspace, monkeypatch):
 
     monkeypatch.setattr(detr_module.DETR, "__init__", refuse)
     train(quick(workspace, "decoder-inv", epochs=1, tag="nodetr"))
-    train(quick(workspace, "backbone-inv", epochs=1, tag="nodetr", source="enc.1"))
+    train(quick(workspace, "backbone-inv", epochs=1, tag="nodetr", from_tap="enc.1"))
 
 
 def test_mismatched_caches_and_modules_are_refused(workspace, tmp_path):
@@ -142,7 +142,7 @@ def test_mismatched_caches_and_modules_are_refused(workspace, tmp_path):
 ])
 def test_bad_module_choices(workspace, name, source, needle):
     with pytest.raises(UsageError, match=needle):
-        train(quick(workspace, name, source=source))
+        train(quick(workspace, name, from_tap=source))
 
 
 def test_cli_train_without_a_cache_says_what_to_run(tmp_path):

@@ -24,7 +24,6 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from invcache.taps import INPUT, tap_path
 
 SCHEMA_VERSION = 1
-DEFAULT_SHARD_SIZE = 256
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 1
 FLOAT_DTYPE = np.float16

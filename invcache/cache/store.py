@@ -14,6 +14,7 @@ from zarr.core.sync import sync
 from invcache.cache import schema as S
 from invcache.cache.shard_codec import ShardCodec
 from invcache.errors import InvcacheError
+from invcache.settings import DEFAULT_SHARD_SIZE
 from invcache.taps import DECODER_INPUT
 
 
@@ -39,7 +40,7 @@ class Cache:
         *,
         num_images: int,
         tap_shapes: Mapping[str, tuple[int, ...]],
-        shard_size: int = S.DEFAULT_SHARD_SIZE,
+        shard_size: int = DEFAULT_SHARD_SIZE,
         keepbits: int | None = None,
         attributes: Mapping | None = None,
     ) -> Cache:

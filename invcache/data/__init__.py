@@ -7,7 +7,6 @@ from pathlib import Path
 
 from invcache.data.coco import CocoFolder, load_coco
 from invcache.data.preprocess import (
-    DEFAULT_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Sample,
@@ -18,6 +17,7 @@ from invcache.data.preprocess import (
 from invcache.data.synthetic import FAULTS, generate_coco
 from invcache.data.wds import WdsImages, coco_to_wds
 from invcache.errors import UsageError
+from invcache.settings import DEFAULT_SIZE
 from invcache.workspace import Workspace
 
 SOURCES = ("coco", "synthetic")

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from pycocotools.coco import COCO
 
-from invcache.data.preprocess import DEFAULT_SIZE, load_sample
+from invcache.data.preprocess import load_sample
 from invcache.errors import UsageError
 from invcache.hashing import file_sha256
+from invcache.settings import DEFAULT_SIZE
 
 COCO_HELP = (
     "get COCO 2017 from https://cocodataset.org/#download (images and annotations unpacked under "

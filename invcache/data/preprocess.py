@@ -18,7 +18,6 @@ from invcache.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_SIZE = (480, 640)
 RESAMPLE = "bilinear"
 SIZE_MULTIPLE = 32
 

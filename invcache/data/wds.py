@@ -17,8 +17,9 @@ import torch
 import webdataset as wds
 
 from invcache.data.coco import CocoFolder
-from invcache.data.preprocess import DEFAULT_SIZE, Sample, load_sample
+from invcache.data.preprocess import Sample, load_sample
 from invcache.errors import UsageError
+from invcache.settings import DEFAULT_SIZE
 
 
 def coco_to_wds(

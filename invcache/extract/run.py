@@ -11,7 +11,6 @@ rank 0 creates the arrays before any rank writes.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -26,7 +25,6 @@ from invcache import __version__
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
-from invcache.data.preprocess import DEFAULT_SIZE
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, finish, init_distributed, rank0_first, resolve_device
 from invcache.errors import InvcacheError, UsageError
@@ -34,43 +32,12 @@ from invcache.extract.loop import loader_batches, run_extraction
 from invcache.forward import resolve_amp
 from invcache.hashing import bytes_sha256
 from invcache.models import build_detr, get_config
+from invcache.settings import ExtractSettings
 from invcache.taps import INPUT
-from invcache.workspace import Workspace
 
 # Typical Blosc-zstd bit-shuffle ratio on LayerNorm'd fp16 activations (measured, SPEC §3);
 # images are assumed not to compress, so the estimate errs on the safe side.
 FLOAT_COMPRESSION_ESTIMATE = 1.15
-
-
-@dataclass
-class ExtractSettings:
-    split: str
-    layers: str = "all"
-    source: str = "coco"
-    wds: str | None = None
-    coco_root: str | os.PathLike | None = None
-    workspace: str | os.PathLike | None = None
-    out: str | os.PathLike | None = None
-    model: str = "detr-r50"
-    weights: str = "official"
-    size: tuple[int, int] = DEFAULT_SIZE
-    batch_size: int = 16
-    num_workers: int = 4
-    device: str | None = None
-    amp: str | None = None
-    limit: int | None = None
-    shard_size: int = S.DEFAULT_SHARD_SIZE
-    keepbits: int | None = None
-    overwrite: bool = False
-    strict: bool = False
-    force: bool = False
-    writers: int = 2
-    synthetic_images: int | None = None
-
-    def cache_location(self) -> str:
-        if self.out is not None:
-            return os.fspath(self.out)
-        return os.fspath(Workspace.at(self.workspace).cache(self.split))
 
 
 @dataclass

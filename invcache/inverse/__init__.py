@@ -22,10 +22,10 @@ LEARNING_RATES = {"backbone-inv": 3e-3, "encoder-inv": 1e-3, "decoder-inv": 1e-4
 
 @dataclass
 class InverseSpec:
-    """Everything needed to rebuild a module: its kind, what it reads and predicts, and its constructor."""
+    """Everything needed to rebuild a module: its kind, the taps it reads and predicts, and its constructor."""
 
     name: str
-    sources: list[str]
+    inputs: list[str]
     target: str
     config: dict = field(default_factory=dict)
 
@@ -38,9 +38,9 @@ def model_config(cache_attrs: dict) -> DetrConfig:
 
 
 def make_spec(
-    name: str, cache_attrs: dict, *, source: str | None = None, width: str = "full", class_input: str = "onehot"
+    name: str, cache_attrs: dict, *, from_tap: str | None = None, width: str = "full", class_input: str = "onehot"
 ) -> InverseSpec:
-    """The spec of module ``name`` for caches like this one; ``source`` picks another input tap (``--from``)."""
+    """The spec of module ``name`` for caches like this one; ``from_tap`` picks another input tap (``--from``)."""
     if name not in NAMES:
         raise UsageError(f"unknown module {name!r}; choose one of: {', '.join(NAMES)}")
     cfg = model_config(cache_attrs)
@@ -48,31 +48,31 @@ def make_spec(
     feature = cfg.feature_size(size)
     enc_last, dec_last = T.enc(cfg.num_encoder_layers), T.dec(cfg.num_decoder_layers)
     if name == "head-inv":
-        if source is not None:
+        if from_tap is not None:
             raise UsageError("head-inv reads head.logits and head.boxes; --from does not apply")
         if class_input not in CLASS_INPUTS:
             raise UsageError(f"bad --class-input {class_input!r}; choose one of: {', '.join(CLASS_INPUTS)}")
         return InverseSpec(name, [T.HEAD_LOGITS, T.HEAD_BOXES], dec_last, {
             "num_logits": cfg.num_classes + 1, "d_model": cfg.d_model, "class_input": class_input})
     defaults = {"backbone-inv": T.enc(0), "encoder-inv": enc_last, "decoder-inv": dec_last}
-    source = source or defaults[name]
+    from_tap = from_tap or defaults[name]
     allowed = {
         "backbone-inv": [T.enc(k) for k in range(cfg.num_encoder_layers + 1)],
         "encoder-inv": [T.enc(k) for k in range(1, cfg.num_encoder_layers + 1)],
         "decoder-inv": [T.dec(k) for k in range(cfg.num_decoder_layers + 1)],
     }[name]
-    if source not in allowed:
-        raise UsageError(f"{name} cannot read {source!r}; --from takes one of: {', '.join(allowed)}")
+    if from_tap not in allowed:
+        raise UsageError(f"{name} cannot read {from_tap!r}; --from takes one of: {', '.join(allowed)}")
     transformer = {"d_model": cfg.d_model, "nhead": cfg.nhead, "dim_feedforward": cfg.dim_feedforward,
                    "feature_size": list(feature)}
     if name == "backbone-inv":
         if width not in ("full", "small"):
             raise UsageError(f"bad --width {width!r}; choose full or small")
-        return InverseSpec(name, [source], T.INPUT, {"in_channels": cfg.d_model, "feature_size": list(feature),
+        return InverseSpec(name, [from_tap], T.INPUT, {"in_channels": cfg.d_model, "feature_size": list(feature),
                                                      "width": width, "upsamplings": cfg.stride.bit_length() - 1})
     if name == "encoder-inv":
-        return InverseSpec(name, [source], T.enc(0), {**transformer, "num_layers": cfg.num_encoder_layers})
-    return InverseSpec(name, [source], enc_last, {**transformer, "num_layers": cfg.num_decoder_layers,
+        return InverseSpec(name, [from_tap], T.enc(0), {**transformer, "num_layers": cfg.num_encoder_layers})
+    return InverseSpec(name, [from_tap], enc_last, {**transformer, "num_layers": cfg.num_decoder_layers,
                                                   "num_queries": cfg.num_queries})
 
 
@@ -84,8 +84,8 @@ def build_inverse(spec: InverseSpec) -> nn.Module:
 
 
 def run_inverse(spec: InverseSpec, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The module's prediction from a batch holding its source taps (cast to float on the device)."""
-    inputs = [batch[t].float() for t in spec.sources]
+    """The module's prediction from a batch holding its input taps (cast to float on the device)."""
+    inputs = [batch[t].float() for t in spec.inputs]
     return module(*inputs)
 
 

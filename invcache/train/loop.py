@@ -30,47 +30,8 @@ from invcache.distributed import barrier, finish, init_distributed, resolve_devi
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse
+from invcache.settings import TrainSettings
 from invcache.train import checkpoint
-from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
-
-
-@dataclass
-class TrainSettings:
-    name: str
-    cache: str | None = None
-    val_cache: str | None = None
-    workspace: str | None = None
-    source: str | None = None
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float | None = None
-    amp: str | None = None
-    out: str | None = None
-    resume: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    width: str = "full"
-    class_input: str = "onehot"
-    device: str | None = None
-    buffer_size: int = 1024
-
-    def workspace_path(self) -> Path:
-        return Workspace.at(self.workspace).root
-
-    def cache_location(self) -> str:
-        return self.cache or str(Workspace.at(self.workspace).cache(TRAIN_SPLIT))
-
-    def val_location(self) -> str | None:
-        if self.val_cache:
-            return self.val_cache
-        default = Workspace.at(self.workspace).cache(VAL_SPLIT)
-        return str(default) if self.cache is None and Cache.exists(default) else None
-
-    def out_dir(self) -> Path:
-        if self.out:
-            return Path(self.out)
-        suffix = f"-from-{self.source}" if self.source else ""
-        return self.workspace_path() / "modules" / f"{self.name}{suffix}"
 
 
 @dataclass
@@ -97,9 +58,9 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
                          "(or pass --cache)")
     cache = Cache.open(location)
     attrs = cache.attrs
-    spec = make_spec(settings.name, attrs, source=settings.source, width=settings.width,
+    spec = make_spec(settings.name, attrs, from_tap=settings.from_tap, width=settings.width,
                      class_input=settings.class_input)
-    taps = [*spec.sources, spec.target]
+    taps = [*spec.inputs, spec.target]
     stored = set(cache.taps) | {T.DECODER_INPUT}
     missing = [t for t in taps if t not in stored]
     if missing:
@@ -205,7 +166,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
 def evaluate(spec, module, location: str, settings: TrainSettings, device: torch.device, amp, rank: int = 0,
              world: int = 1) -> float:
     """Mean loss per image over every valid image of a cache (each rank takes its share of the shards)."""
-    samples = CacheSamples(location, [*spec.sources, spec.target], shuffle=False, rank=rank, world=world,
+    samples = CacheSamples(location, [*spec.inputs, spec.target], shuffle=False, rank=rank, world=world,
                            equal_shares=False)
     loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers)
     was_training = module.training

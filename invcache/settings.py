@@ -1,0 +1,99 @@
+"""The settings of each command, and their defaults, defined once.
+
+The API takes these dataclasses; the CLI builds its options' defaults from them, so the two
+cannot disagree. This module imports nothing heavy: ``invcache --help`` reads it without
+loading torch or zarr.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from invcache.workspace import Workspace
+
+DEFAULT_SIZE = (480, 640)
+DEFAULT_SHARD_SIZE = 256
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass
+class ExtractSettings:
+    """``invcache extract``: which images, which model and taps, where the cache goes, how to run."""
+
+    split: str
+    layers: str = "all"
+    source: str = "coco"
+    wds: str | None = None
+    coco_root: str | os.PathLike | None = None
+    workspace: str | os.PathLike | None = None
+    out: str | os.PathLike | None = None
+    model: str = "detr-r50"
+    weights: str = "official"
+    size: tuple[int, int] = DEFAULT_SIZE
+    batch_size: int = 16
+    num_workers: int = field(default_factory=lambda: min(8, _cores()))
+    device: str | None = None
+    amp: str | None = None
+    limit: int | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    keepbits: int | None = None
+    overwrite: bool = False
+    strict: bool = False
+    force: bool = False
+    writers: int = field(default_factory=lambda: max(2, min(8, _cores() // 4)))
+    synthetic_images: int | None = None
+    # cuDNN autotuning speeds up convolutions but picks kernels per run, so a resumed
+    # extraction on GPU may differ in the last bits from an uninterrupted one: opt-in.
+    cudnn_benchmark: bool = False
+
+    def cache_location(self) -> str:
+        if self.out is not None:
+            return os.fspath(self.out)
+        return os.fspath(Workspace.at(self.workspace).cache(self.split))
+
+
+@dataclass
+class TrainSettings:
+    """``invcache train NAME``: which module, from which tap and cache, and the optimisation."""
+
+    name: str
+    cache: str | None = None
+    val_cache: str | None = None
+    workspace: str | os.PathLike | None = None
+    from_tap: str | None = None
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float | None = None
+    amp: str | None = None
+    out: str | os.PathLike | None = None
+    resume: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    width: str = "full"
+    class_input: str = "onehot"
+    device: str | None = None
+    buffer_size: int = 1024
+    log_every: int = 10
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        suffix = f"-from-{self.from_tap}" if self.from_tap else ""
+        return Workspace.at(self.workspace).module(f"{self.name}{suffix}")
+
+
+def default(settings: type, name: str):
+    """The default of one field of a settings dataclass (what the CLI shows and uses)."""
+    for f in fields(settings):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            break
+    raise KeyError(f"{settings.__name__} has no default for {name!r}")
