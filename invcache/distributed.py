@@ -1,9 +1,10 @@
-"""torchrun awareness shared by extraction and training: process group, rank, device."""
+"""torchrun awareness shared by extraction and training: the process group's lifetime, rank, device."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TypeVar
 
@@ -11,20 +12,43 @@ import torch
 import torch.distributed as dist
 
 from invcache.errors import InvcacheError, UsageError
+from invcache.settings import DIST_TIMEOUT_S
 
 Result = TypeVar("Result")
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+@contextmanager
+def process_group(timeout_s: float = DIST_TIMEOUT_S) -> Iterator[tuple[int, int]]:
+    """Join torchrun's process group for the block and leave it afterwards; yields (rank, world size).
+
+    Outside torchrun (``WORLD_SIZE`` unset or 1) it does nothing. A group that already exists
+    is used and left alone; only a group this block created is torn down. An exception on one
+    rank tears its group down on the way out, which fails the peers' pending collectives
+    instead of leaving them at a barrier until ``timeout_s`` (torchrun also stops the other
+    ranks when one exits with an error).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        # Ranks legitimately wait on each other for long (a resumed extraction whose shards on
-        # one rank are already complete), so the collective timeout is generous.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
-    return dist.get_rank(), dist.get_world_size()
+    created = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        created = True
+    try:
+        yield rank_and_world()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process; under torchrun the process group must already be joined."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UsageError(f"launched by torchrun (WORLD_SIZE={world}) without a process group: call this inside "
+                         "`with invcache.distributed.process_group():` (the invcache command does)")
+    return 0, 1
 
 
 def rank0_first(first: Callable[[], Result], then: Callable[[], Result], rank: int, world: int) -> Result:
@@ -70,6 +94,3 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def finish(world: int) -> None:
-    if world > 1:
-        dist.destroy_process_group()

@@ -15,6 +15,8 @@ from invcache.workspace import Workspace
 
 DEFAULT_SIZE = (480, 640)
 DEFAULT_SHARD_SIZE = 256
+# How long a rank waits for the others at a collective before giving up (torchrun runs).
+DIST_TIMEOUT_S = 1800.0
 
 
 def _cores() -> int:

@@ -156,9 +156,11 @@ def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(works
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, torch
+        from invcache.distributed import process_group
         from invcache.train import TrainSettings, train
-        result = train(TrainSettings("encoder-inv", workspace={str(workspace)!r}, epochs=1, batch_size=16,
-                                     num_workers=0, out={str(tmp_path / "ddp")!r}))
+        with process_group():
+            result = train(TrainSettings("encoder-inv", workspace={str(workspace)!r}, epochs=1, batch_size=16,
+                                         num_workers=0, out={str(tmp_path / "ddp")!r}))
         torch.save(result.module.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
     """))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

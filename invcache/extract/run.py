@@ -26,7 +26,7 @@ from invcache.cache import schema as S
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
 from invcache.data.wds import WdsSplit
-from invcache.distributed import barrier, finish, init_distributed, rank0_first, resolve_device
+from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.extract.loop import loader_batches, run_extraction
 from invcache.forward import resolve_amp
@@ -62,7 +62,7 @@ def extract(
     ``progress(images, raw_bytes)`` is called as each shard is written.
     """
     _validate(settings)
-    rank, world = init_distributed()
+    rank, world = rank_and_world()
     device = resolve_device(settings.device, rank)
     config = get_config(settings.model)
     taps = config.select_taps(settings.layers)
@@ -109,7 +109,7 @@ def extract(
             "complete": bool(cache.complete_shards().all()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-    finish(world)
+
     return ExtractResult(
         location, len(image_ids), len(owned), skipped, failures, time.perf_counter() - started, raw_bytes
     )

@@ -26,7 +26,7 @@ from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
 from invcache.data.preprocess import unit_images
-from invcache.distributed import barrier, finish, init_distributed, resolve_device
+from invcache.distributed import barrier, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse
@@ -48,7 +48,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
     """Train (or resume) one module; ``progress(stage, done, total, loss)`` reports steps and validation."""
     if settings.epochs < 1 or settings.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
-    rank, world = init_distributed()
+    rank, world = rank_and_world()
     device = resolve_device(settings.device, rank)
     amp = resolve_amp(settings.amp, device)
 
@@ -158,7 +158,7 @@ def train(settings: TrainSettings, progress: Callable[[str, int, int, float], No
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         barrier(world)
-    finish(world)
+
     return TrainResult(out, settings.epochs, step, best, history, module)
 
 
