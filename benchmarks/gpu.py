@@ -73,7 +73,8 @@ def main() -> None:
         forward = {}
         for bs in batch_sizes:
             batch = torch.stack([dataset[i % len(dataset)]["input"] for i in range(bs)]).to(args.device)
-            forward[bs] = round(forward_only(model, batch, taps, max(4, 1024 // bs), amp), 1)
+            # as many images as the extraction runs, so a small --images makes a small smoke run
+            forward[bs] = round(forward_only(model, batch, taps, max(2, args.images // bs), amp), 1)
         del model
 
         extraction = {}

@@ -25,8 +25,9 @@ from invcache.cache.store import Cache  # noqa: E402
 from invcache.data import generate_coco, open_split, parse_size  # noqa: E402
 from invcache.extract import ExtractSettings, extract  # noqa: E402
 from invcache.forward import forward_taps, resolve_amp  # noqa: E402
-from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse  # noqa: E402
+from invcache.inverse import LEARNING_RATES, build_inverse, make_spec  # noqa: E402
 from invcache.models import build_detr  # noqa: E402
+from invcache.train.loop import train_step  # noqa: E402
 
 
 def steps_per_second(batches, step, steps: int) -> float:
@@ -70,14 +71,11 @@ def main() -> None:
             module = build_inverse(spec).to(device)
             optimizer = torch.optim.Adam(module.parameters(), lr=LEARNING_RATES[name])
 
+            scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
             def step(batch: dict) -> None:
                 batch = {t: batch[t].to(device) for t in taps}
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    prediction = run_inverse(spec, module, batch)
-                loss = inverse_loss(spec, prediction, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                train_step(spec, module, optimizer, scaler, batch, amp)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 

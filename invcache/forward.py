@@ -25,9 +25,14 @@ def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
 
 
 def forward_taps(
-    model: DETR, images: torch.Tensor, taps: Sequence[str], amp: torch.dtype | None = None
+    model: DETR, images: torch.Tensor, taps: str | Sequence[str], amp: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Taps of a uint8 (B, H, W, 3) batch; ``input`` is the batch itself, the rest come from the model."""
+    """Taps of a uint8 (B, H, W, 3) batch; ``input`` is the batch itself, the rest come from the model.
+
+    ``taps`` is a list of names or a selection such as ``"enc.*,head.*"`` (SPEC §1).
+    """
+    if isinstance(taps, str):
+        taps = model.config.select_taps(taps)
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True)
     model_taps = [t for t in taps if t not in T.DATA_TAPS]

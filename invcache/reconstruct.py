@@ -3,7 +3,7 @@
 backbone = B⁻¹(enc.0); encoder = B⁻¹(E⁻¹(enc.L)); decoder = B⁻¹(E⁻¹(D⁻¹(dec.L)));
 head = B⁻¹(E⁻¹(D⁻¹(P⁻¹(head.logits, head.boxes)))). Each image's MSE is reported in
 normalized and in [0, 1] pixel space, next to the average-guessing baseline (the mean
-training image, which B⁻¹'s checkpoint carries).
+image of B⁻¹'s training cache, a statistic the cache stores).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +18,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from invcache import taps as T
-from invcache.cache import schema as S
 from invcache.cache.store import Cache
+from invcache.chain import STAGE_CHAINS, STAGES, LoadedModule, invert, load_modules
 from invcache.data.preprocess import normalize_unit, unit_images
 from invcache.distributed import resolve_device
 from invcache.errors import InvcacheError, UsageError
-from invcache.inverse import InverseSpec, make_spec, run_inverse
+from invcache.inverse import make_spec
 from invcache.train import checkpoint
-
-STAGES = ("backbone", "encoder", "decoder", "head")
-CHAINS = {
-    "backbone": ("backbone-inv",),
-    "encoder": ("encoder-inv", "backbone-inv"),
-    "decoder": ("decoder-inv", "encoder-inv", "backbone-inv"),
-    "head": ("head-inv", "decoder-inv", "encoder-inv", "backbone-inv"),
-}
-
-
-@dataclass
-class LoadedModule:
-    spec: InverseSpec
-    module: torch.nn.Module
-    extra: dict[str, torch.Tensor]
 
 
 def parse_stages(text: str) -> list[str]:
@@ -51,49 +35,46 @@ def parse_stages(text: str) -> list[str]:
     return stages
 
 
-def load_chain_modules(modules_dir: str | os.PathLike, names: set[str], cache_attrs: dict, cache_location: str,
-                       device: torch.device) -> dict[str, LoadedModule]:
-    """The best checkpoint of each module, refused unless it was trained on caches like this one."""
-    loaded = {}
-    for name in sorted(names):
-        directory = Path(modules_dir) / name
-        module, meta, tensors = checkpoint.load(directory, "best")
-        checkpoint.check_compatible(meta["cache"], cache_attrs, f"module {directory}", f"the cache {cache_location}")
-        spec = InverseSpec(**meta["spec"])
-        expected = make_spec(name, cache_attrs)
-        if spec.inputs != expected.inputs:
-            raise InvcacheError(f"module {directory} reads {spec.inputs}, but the {name} link of a chain reads "
-                                f"{expected.inputs}")
-        loaded[name] = LoadedModule(spec, module.to(device).eval(), {
-            k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
-    return loaded
+def stage_modules(modules_dir: str | os.PathLike, stages: list[str], cache: Cache,
+                  device: torch.device) -> dict[str, LoadedModule]:
+    """The modules the stages' chains need, refused unless trained on caches like this one and on the stage's taps."""
+    names = {name for stage in stages for name in STAGE_CHAINS[stage]}
+    modules = load_modules(modules_dir, names, device=device, cache_attrs=cache.attrs,
+                           cache_name=f"the cache {cache.location}")
+    for name, loaded in modules.items():
+        expected = make_spec(name, cache.attrs)
+        if loaded.spec.inputs != expected.inputs:
+            raise InvcacheError(f"module {loaded.directory} reads {loaded.spec.inputs}, but the {name} link of a "
+                                f"chain reads {expected.inputs}")
+    return modules
 
 
-@torch.no_grad()
-def run_chain(stage: str, modules: dict[str, LoadedModule], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Images in [0, 1], (B, 3, H, W), reconstructed from the stage's cached embedding."""
-    first, *rest = CHAINS[stage]
-    x = run_inverse(modules[first].spec, modules[first].module, batch)
-    for name in rest:
-        x = modules[name].module(x)
-    return x.float()
+def mean_training_image(modules: dict[str, LoadedModule], cache: Cache, mean_from: str | None = None) -> torch.Tensor:
+    """The average-guessing baseline: the mean image of B⁻¹'s training cache (or ``mean_from``), (3, H, W) in [0, 1]."""
+    backbone = modules["backbone-inv"]
+    location = mean_from or backbone.meta["train_cache"]
+    if not Cache.exists(location):
+        raise InvcacheError(f"the mean training image comes from B⁻¹'s training cache {location}, which is not "
+                            "there any more; pass the cache it was trained on as mean_from")
+    source = Cache.open(location)
+    checkpoint.check_compatible(checkpoint.cache_fingerprint(source.attrs), cache.attrs, f"the cache {location}",
+                                f"the cache {cache.location}")
+    return torch.from_numpy(source.mean_image).permute(2, 0, 1).float()
 
 
 def _rows(cache: Cache, ids: list[int] | None, count: int) -> list[int]:
-    valid = cache.array(S.VALID)[:]
     complete = np.repeat(cache.complete_shards(), cache.shard_size)[: cache.num_images]
-    usable = valid & complete
+    usable = cache.valid & complete
     if ids is None:
         return np.flatnonzero(usable)[:count].tolist()
-    image_ids = cache.array(S.IMAGE_ID)[:].tolist()
+    row_of = {int(image_id): row for row, image_id in enumerate(cache.image_ids)}
     rows = []
     for image_id in ids:
-        if image_id not in image_ids:
+        if image_id not in row_of:
             raise UsageError(f"image id {image_id} is not in {cache.location}")
-        row = image_ids.index(image_id)
-        if not usable[row]:
+        if not usable[row_of[image_id]]:
             raise UsageError(f"image id {image_id} is not a valid, extracted image of {cache.location}")
-        rows.append(row)
+        rows.append(row_of[image_id])
     return rows
 
 
@@ -105,29 +86,27 @@ def reconstruct(
     ids: list[int] | None = None,
     count: int = 8,
     device: str | None = None,
+    mean_from: str | None = None,
 ) -> dict:
     """Run the chains of ``stages`` on some images of a cache; write ``grid.png``, ``metrics.json`` and ``.csv``."""
     cache = Cache.open(cache_location)
-    attrs = cache.attrs
-    names = {name for stage in stages for name in CHAINS[stage]}
-    modules = load_chain_modules(modules_dir, names, attrs, cache_location, resolve_device(device))
-    taps = sorted({T.INPUT, *(t for stage in stages for t in modules[CHAINS[stage][0]].spec.inputs)})
+    on = resolve_device(device)
+    modules = stage_modules(modules_dir, stages, cache, on)
+    inputs = {stage: modules[STAGE_CHAINS[stage][0]].spec.inputs for stage in stages}
+    taps = sorted({T.INPUT, *(t for stage in stages for t in inputs[stage])})
     missing = [t for t in taps if t not in cache.taps and t != T.DECODER_INPUT]
     if missing:
         raise UsageError(f"{cache_location} lacks the taps {', '.join(missing)}")
     rows = _rows(cache, ids, count)
     if not rows:
         raise UsageError(f"no valid images to reconstruct in {cache_location}")
-    on = resolve_device(device)
-    batch = {t: torch.from_numpy(np.stack([cache.read(t, r, r + 1)[0] for r in rows])).to(on) for t in taps}
+    batch = {t: cache[t].torch[rows].to(on) for t in taps}
     original = unit_images(batch[T.INPUT])
-    mean_image = modules["backbone-inv"].extra.get("mean_image")
-    if mean_image is None:
-        raise InvcacheError(f"{Path(modules_dir) / 'backbone-inv'} carries no mean training image")
-    baseline = mean_image.to(batch[T.INPUT].device).unsqueeze(0).expand_as(original)
+    baseline = mean_training_image(modules, cache, mean_from).to(on).unsqueeze(0).expand_as(original)
 
-    reconstructions = {stage: run_chain(stage, modules, batch) for stage in stages}
-    image_ids = [int(cache.read(S.IMAGE_ID, r, r + 1)[0]) for r in rows]
+    reconstructions = {stage: invert(modules, {t: batch[t] for t in inputs[stage]}, via=STAGE_CHAINS[stage])
+                       for stage in stages}
+    image_ids = cache.image_ids[rows].tolist()
     per_image = []
     for i, image_id in enumerate(image_ids):
         entry = {"image_id": image_id}

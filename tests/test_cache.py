@@ -1,12 +1,19 @@
-"""The cache store: our whole-shard encoder writes exactly what zarr writes, and zarr reads it back."""
+"""The cache store: our whole-shard encoder writes exactly what zarr writes, and zarr reads it back;
+damage (and only damage) is reported as corruption; no process-wide warning filters."""
+
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import zarr
 
 from invcache.cache import schema as S
+from invcache.cache.inspect import verify_cache
 from invcache.cache.shard_codec import ShardCodec
-from invcache.cache.store import Cache
+from invcache.cache.store import Cache, CacheCorruptError
+from invcache.errors import InvcacheError, UsageError
 
 
 def shard_file(root, path, shard, ndim):
@@ -67,9 +74,89 @@ def test_dec0_reads_as_zeros_and_open_refuses_non_caches(tmp_path):
     zeros = cache.read("dec.0", 0, 3)
     assert zeros.shape == (3, 5, 4) and not zeros.any()
     zarr.open_group(tmp_path / "plain", mode="w")
-    from invcache.errors import InvcacheError
-
     with pytest.raises(InvcacheError, match="not an invcache cache"):
         Cache.open(tmp_path / "plain")
     with pytest.raises(InvcacheError, match="no cache at"):
         Cache.open(tmp_path / "nothing")
+
+
+def written_cache(location, keepbits=None) -> Cache:
+    cache = Cache.create(location, num_images=4, tap_shapes={"enc.1": (2, 4)}, shard_size=2, keepbits=keepbits)
+    for shard in range(2):
+        meta = S.empty_bookkeeping(2)
+        meta[S.VALID][:] = True
+        cache.write_shard(shard, {"enc.1": np.full((2, 2, 4), shard + 1.5, np.float16)}, meta)
+    return cache
+
+
+def flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damage_is_named_in_tap_bookkeeping_and_completion_arrays(tmp_path):
+    written_cache(tmp_path / "c")
+    flip_byte(tmp_path / "c" / "enc" / "1" / "c" / "1" / "0" / "0")
+    flip_byte(tmp_path / "c" / "valid" / "c" / "0")
+    flip_byte(tmp_path / "c" / "shard_complete" / "c" / "0")
+    cache = Cache.open(tmp_path / "c")
+    for read, named in [(lambda: cache.read_shard("enc.1", 1), "enc/1 shard 1"),
+                        (lambda: cache.read("enc.1", 2, 4), "enc/1 shard 1"),
+                        (lambda: cache.read_shard("valid", 0), "valid shard 0"),
+                        (cache.complete_shards, "shard_complete shard 0-1")]:
+        with pytest.raises(CacheCorruptError, match=f"array {named} does not verify"):
+            read()
+    problems = verify_cache(str(tmp_path / "c"))
+    assert sorted(p.split("array ")[1].split(" does not")[0] for p in problems) == \
+        ["enc/1 shard 1", "shard_complete shard 0", "valid shard 0"]
+
+
+def test_errors_other_than_damage_are_not_reported_as_corruption(tmp_path, monkeypatch):
+    cache = written_cache(tmp_path / "c")
+    with pytest.raises(UsageError, match="shards 0 to 1, not 5"):
+        cache.read_shard("enc.1", 5)
+    with pytest.raises(TypeError):
+        cache.read("enc.1", 0.5, 2)
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bad argument")
+
+    monkeypatch.setattr(ShardCodec, "decode", bug)
+    with pytest.raises(ValueError, match="a bad argument") as raised:
+        Cache.open(tmp_path / "c").read_shard("enc.1", 0)
+    assert not isinstance(raised.value, CacheCorruptError)
+    with pytest.raises(ValueError, match="a bad argument"):
+        verify_cache(str(tmp_path / "c"))
+
+
+def test_importing_the_cache_leaves_the_warning_filters_alone():
+    # What invcache.cache imports from elsewhere (numpy, numcodecs, ...) may install filters of its own:
+    # import all of it first, so only invcache's own modules are measured.
+    listed = subprocess.run([sys.executable, "-c", "import sys, invcache.cache; "
+                             "print(' '.join(m for m in sys.modules if m.split('.')[0] != 'invcache'))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    script = (
+        "import importlib, warnings\n"
+        f"for name in {listed!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError:\n"
+        "        pass  # an alias in sys.modules (e.g. os.path's) that is not importable by its name\n"
+        "before = list(warnings.filters)\n"
+        "import invcache.cache, invcache.cache.inspect\n"
+        "assert warnings.filters == before, [f for f in warnings.filters if f not in before]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_keepbits_cache_is_created_and_read_without_the_numcodecs_warning(tmp_path):
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written_cache(tmp_path / "c", keepbits=6)
+        cache = Cache.open(tmp_path / "c")
+        assert cache["enc.1"][3].shape == (2, 4) and cache.read("enc.1", 0, 4).shape == (4, 2, 4)
+    assert not [w for w in caught if "Numcodecs codecs" in str(w.message)], [str(w.message) for w in caught]
+    assert warnings.filters == before

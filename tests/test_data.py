@@ -17,10 +17,12 @@ from invcache.data import (
     normalize,
     open_split,
     parse_size,
+    shard_pattern,
 )
 from invcache.data.preprocess import decode_image, resize_uint8, to_rgb
 from invcache.data.synthetic import CATEGORIES, UNREADABLE_FAULTS
-from invcache.errors import UsageError
+from invcache.data.wds import WdsSplit
+from invcache.errors import InvcacheError, UsageError
 
 SIZE = (64, 96)
 
@@ -171,6 +173,15 @@ def test_open_split_synthetic_generates_once_into_the_workspace(tmp_path):
         open_split("imagenet", "val2017")
 
 
+def test_synthetic_split_names_are_the_generators_unless_sized(tmp_path):
+    """A typo such as val2071 is refused (it would generate a new split); an explicit size allows any name."""
+    with pytest.raises(UsageError, match=r"unknown synthetic split 'val2071'; choose from: train2017, val2017"):
+        open_split("synthetic", "val2071", workspace=tmp_path, size=SIZE)
+    assert not (tmp_path / "synthetic-coco").exists()
+    custom = open_split("synthetic", "holdout", workspace=tmp_path, size=SIZE, synthetic_images=3)
+    assert len(custom) == 3 and (tmp_path / "synthetic-coco" / "holdout").is_dir()
+
+
 def test_webdataset_round_trip_equals_the_folder(synthetic_root, tmp_path):
     shards = coco_to_wds(synthetic_root, "val2017", tmp_path / "wds", images_per_shard=5)
     assert [s.name for s in shards] == ["coco-val2017-000000.tar", "coco-val2017-000001.tar",
@@ -193,3 +204,30 @@ def test_webdataset_splits_shards_across_dataloader_workers(synthetic_root, tmp_
     loader = torch.utils.data.DataLoader(WdsImages(pattern, SIZE), batch_size=None, num_workers=2)
     ids = [int(sample["image_id"]) for sample in loader]
     assert sorted(ids) == CocoFolder(synthetic_root, "val2017", SIZE).image_ids
+
+
+def test_webdataset_pattern_of_the_written_shards_reads_them_all(synthetic_root, tmp_path):
+    shards = coco_to_wds(synthetic_root, "val2017", tmp_path / "wds", images_per_shard=5)
+    pattern = shard_pattern(shards)
+    assert pattern == str(tmp_path / "wds" / "coco-val2017-{000000..000002}.tar")
+    expected = CocoFolder(synthetic_root, "val2017", SIZE).image_ids
+    assert [s["image_id"] for s in WdsImages(pattern, SIZE)] == expected
+    assert WdsSplit(pattern, "val2017", SIZE).image_ids == expected
+    assert shard_pattern(shards[:1]) == str(shards[0])
+
+
+def test_a_missing_local_shard_is_named_before_streaming(synthetic_root, tmp_path):
+    coco_to_wds(synthetic_root, "val2017", tmp_path, images_per_shard=5)
+    pattern = str(tmp_path / "coco-val2017-{000000..000003}.tar")  # there are three
+    for reader in (lambda: WdsImages(pattern, SIZE), lambda: WdsSplit(pattern, "val2017", SIZE)):
+        with pytest.raises(UsageError, match=r"webdataset shard not found: .*coco-val2017-000003\.tar"):
+            reader()
+
+
+def test_an_unreadable_shard_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar" * 200)
+    for reader in (lambda: list(WdsImages(str(bad), SIZE)), lambda: WdsSplit(str(bad), "val2017", SIZE)):
+        with pytest.raises(InvcacheError, match=f"webdataset shard {bad}: cannot read it") as caught:
+            reader()
+        assert "\n" not in str(caught.value)

@@ -45,8 +45,10 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def all_arrays(location: Path) -> dict[str, np.ndarray]:
+    """Every array of a cache, the stored mean image included (resumed and distributed runs must match it too)."""
     cache = Cache.open(location)
-    return {name: cache.array(name)[:] for name in [*cache.taps, *S.PER_IMAGE_ARRAYS, S.SHARD_COMPLETE]}
+    arrays = {name: cache.array(name)[:] for name in [*cache.taps, *S.PER_IMAGE_ARRAYS, S.SHARD_COMPLETE]}
+    return {**arrays, "mean_image": cache.mean_image}
 
 
 def assert_same_arrays(a: Path, b: Path) -> None:
@@ -97,6 +99,43 @@ def test_round_trip_every_tap_equals_a_direct_forward_on_the_stored_input(synthe
     assert attrs["preprocessing"]["size"] == list(SIZE)
     assert attrs["codec"] == {"name": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "bitshuffle",
                               "checksum": "crc32c", "keepbits": None}
+
+
+def test_the_mean_image_is_the_numpy_mean_of_valid_inputs_and_survives_a_resume(reference, tmp_path, synthetic_root):
+    out, _ = reference
+    cache = Cache.open(out)
+    inputs, valid = cache.array("input")[:], cache.array(S.VALID)[:]
+    assert not valid.all()
+    expected = inputs[valid].astype(np.float64).mean(axis=0) / 255
+    np.testing.assert_allclose(cache.mean_image, expected, rtol=0, atol=1e-12)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    Cache.open(copy, mode="r+").array(S.SHARD_COMPLETE)[1] = False  # as if shard 1 had been cut short
+    again = extract(settings_for(synthetic_root, copy))
+    assert again.shards_written == 1 and again.shards_skipped == 2
+    np.testing.assert_array_equal(Cache.open(copy).mean_image, cache.mean_image)
+
+
+def test_progress_is_reported_per_batch(synthetic_root, tmp_path):
+    calls, planned = [], []
+    extract(settings_for(synthetic_root, tmp_path / "c"), progress=lambda n, b: calls.append((n, b)),
+            on_plan=planned.append)
+    assert planned == [12] and [n for n, _ in calls] == [2] * 6  # batch size 2, 12 images
+    assert all(b > 0 for _, b in calls)
+
+
+def test_a_moved_coco_folder_resumes_but_other_annotations_are_refused(synthetic_root, reference, tmp_path):
+    out, _ = reference
+    moved = tmp_path / "moved-coco"
+    shutil.copytree(synthetic_root, moved)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = extract(settings_for(moved, copy))
+    assert again.shards_written == 0 and again.shards_skipped == 3
+    annotation = moved / "annotations" / "instances_val2017.json"
+    annotation.write_text(annotation.read_text().replace('"iscrowd": 0', '"iscrowd": 1', 1))
+    with pytest.raises(InvcacheError, match="source.annotation_sha256"):
+        extract(settings_for(moved, copy))
 
 
 def test_broken_inputs_are_recorded_and_the_rest_extracted(synthetic_root, reference):
@@ -166,13 +205,17 @@ def test_a_lost_shard_file_of_a_complete_shard_is_named(reference, tmp_path):
     assert len(problems) == 1 and "dec/2 shard 2" in problems[0] and "missing" in problems[0]
 
 
-def test_disk_estimate_refuses_unless_forced(synthetic_root, tmp_path, monkeypatch, capsys):
+def test_disk_estimate_refuses_unless_forced(synthetic_root, tmp_path, monkeypatch, caplog):
+    import logging
+
     import invcache.extract.run as E
+
+    caplog.set_level(logging.INFO, logger="invcache")
 
     monkeypatch.setattr(E.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 10, 10))
     with pytest.raises(InvcacheError, match="not enough disk"):
         extract(settings_for(synthetic_root, tmp_path / "c"))
-    assert "disk estimate" in capsys.readouterr().err
+    assert "disk estimate" in caplog.text
     assert not (tmp_path / "c").exists()
     assert extract(settings_for(synthetic_root, tmp_path / "c", force=True, limit=4)).shards_written == 1
 

@@ -1,17 +1,19 @@
 """The cache: schema, writer/reader, inspection."""
 
-import warnings
+import os
 
 from invcache.cache.store import Cache, CacheCorruptError
-
-# The lossy mode's BitRound filter comes from numcodecs; zarr warns on every open that it is
-# outside the v3 specification. The cache records its codec, so the warning adds nothing.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+from invcache.cache.view import TapView
 
 
-def open_cache(path) -> Cache:
-    """Open a cache for reading."""
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache for reading.
+
+    The returned :class:`Cache` gives ``.taps``, ``.attrs``, ``len()`` (images), ``cache[tap]``
+    (a lazy :class:`TapView`), ``.image_ids``, ``.valid``, ``.mean_image`` and
+    ``.as_dataset(taps, ...)``.
+    """
     return Cache.open(path)
 
 
-__all__ = ["Cache", "CacheCorruptError", "open_cache"]
+__all__ = ["Cache", "CacheCorruptError", "TapView", "open_cache"]

@@ -16,11 +16,13 @@ def cache_info(location: str) -> dict:
     complete = cache.complete_shards()
     rows_done = cache.rows_in(np.flatnonzero(complete))
     arrays = []
-    for name in [*cache.taps, *S.PER_IMAGE_ARRAYS]:
+    names = [*cache.taps, *S.PER_IMAGE_ARRAYS, *([S.MEAN_IMAGE] if cache.has_mean_image() else [])]
+    for name in names:
         array = cache.array(name)
         per_row = int(np.prod(array.shape[1:])) * (array.dtype.itemsize if name != S.FAILURE else 0)
         stored = array.nbytes_stored()
-        raw = per_row * rows_done
+        # mean_image is one (H, W, 3) image, not a row per image
+        raw = array.nbytes if name == S.MEAN_IMAGE else per_row * rows_done
         arrays.append({
             "name": S.array_path(name), "shape": list(array.shape), "dtype": str(array.dtype),
             "stored_bytes": stored, "raw_bytes": raw, "ratio": raw / stored if stored and raw else 0.0,
@@ -47,23 +49,34 @@ def cache_info(location: str) -> dict:
 
 
 def verify_cache(location: str, threads: int = 4) -> list[str]:
-    """Read every chunk of every array; one message per (array, shard) that fails to verify."""
+    """Read every chunk of every array; one message per (array, shard) that fails to verify.
+
+    Only damage is listed (``store.CORRUPTION_ERRORS``); any other error propagates.
+    """
     cache = Cache.open(location)
-    names = [*cache.taps, *S.PER_IMAGE_ARRAYS]
+    problems = []
+    complete = []
+    for shard in range(cache.num_shards):
+        try:
+            complete.append(bool(cache.read(S.SHARD_COMPLETE, shard, shard + 1)[0]))
+        except CacheCorruptError as exc:
+            problems.append(str(exc))
+            complete.append(False)  # unknown: its chunks' checksums are still checked, missing ones are not damage
 
     def check(job: tuple[str, int]) -> str | None:
         name, shard = job
         try:
-            cache.read_shard(name, shard)
+            cache.read_shard(name, shard, complete[shard])
         except CacheCorruptError as exc:
             return str(exc)
         return None
 
-    jobs = [(name, shard) for name in names for shard in range(cache.num_shards)]
+    jobs = [(name, shard) for name in [*cache.taps, *S.PER_IMAGE_ARRAYS] for shard in range(cache.num_shards)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        problems = [p for p in pool.map(check, jobs) if p]
-    try:
-        cache.complete_shards()
-    except Exception as exc:
-        problems.append(f"{location}: array {S.SHARD_COMPLETE} does not verify ({exc})")
+        problems += [p for p in pool.map(check, jobs) if p]
+    if cache.has_mean_image():
+        try:
+            cache.mean_image
+        except CacheCorruptError as exc:
+            problems.append(str(exc))
     return problems

@@ -1,17 +1,30 @@
 """Read taps of the valid images of a cache as a torch dataset, shard-sized blocks at a time.
 
-Each epoch visits the complete shards in an order drawn from (seed, epoch), reads every
-requested tap of a shard as one block (zarr decodes a whole shard at once; random
-``oindex`` reads of sharded arrays are very slow), and passes rows through a bounded
-shuffle buffer. Shards are split between DDP ranks and then between DataLoader workers.
-Under DDP every rank yields the same number of samples (ranks that run out of shards
-start over on theirs), so every rank takes the same number of optimizer steps.
-Samples are the stored dtypes (float16, uint8); cast them on the device.
+Each epoch lists the valid rows of the complete shards as one sequence: shard by shard, the
+shards in an order drawn from (seed, epoch) and the rows of each shard permuted from the same
+draw (storage order for both when ``shuffle=False``). Every rank and worker builds the same
+sequence, then takes its part of it:
+
+- with equal shares (the default under DDP, ``world > 1``) the sequence is padded to a
+  multiple of ``world`` by repeating its first rows, at most ``world - 1`` of them, and rank
+  ``r`` takes the ``r``-th of ``world`` equal contiguous blocks, ``ceil(valid / world)`` rows.
+  Every rank so takes the same number of optimizer steps, and every valid row is read once
+  per epoch but for the padding;
+- without equal shares (evaluation) rank ``r`` takes the ``r``-th contiguous block of a split
+  as even as possible (sizes differ by at most one), and every valid row is read exactly once.
+
+A rank's rows are split the same way into contiguous blocks, one per DataLoader worker; ranks
+with the same number of rows give their workers the same numbers, so per-worker batching
+(``drop_last``) drops the same on every rank. Contiguous blocks keep shard locality: a rank
+reads about ``shards / world`` shards. A worker reads every requested tap of each shard it
+needs once, as one block (zarr decodes a whole shard at once; random ``oindex`` reads of
+sharded arrays are very slow), yields the rows it owns, and with ``shuffle=True`` passes them
+through a bounded shuffle buffer drawn from (seed, epoch, rank, worker). Samples are the
+stored dtypes (float16, uint8); cast them on the device.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +35,8 @@ from invcache.cache.store import Cache
 
 
 class CacheSamples(torch.utils.data.IterableDataset):
+    """The valid images of a cache's complete shards: dicts of tap tensors plus ``image_id`` (int)."""
+
     def __init__(
         self,
         location: str,
@@ -35,6 +50,8 @@ class CacheSamples(torch.utils.data.IterableDataset):
         world: int = 1,
         equal_shares: bool | None = None,
     ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
         self.location, self.taps = str(location), list(taps)
         self.shuffle, self.seed, self.epoch, self.buffer_size = shuffle, seed, epoch, buffer_size
         self.rank, self.world = rank, world
@@ -42,50 +59,71 @@ class CacheSamples(torch.utils.data.IterableDataset):
         cache = Cache.open(self.location)
         complete = cache.complete_shards()
         valid = cache.array(S.VALID)[:]
-        self.shard_size = cache.shard_size
+        # valid rows of each complete shard, counted from the shard's start
         self.valid_rows = {
             s: np.flatnonzero(valid[slice(*cache.shard_bounds(s))]) for s in np.flatnonzero(complete).tolist()
         }
         self.total = sum(len(rows) for rows in self.valid_rows.values())
 
     def __len__(self) -> int:
-        """Samples this rank yields per epoch."""
-        if self.equal_shares:
-            return self.total // self.world
-        return sum(len(self.valid_rows[s]) for s in self._rank_shards())
+        """Samples this rank yields per epoch (the same on every rank under equal shares)."""
+        start, stop = self._rank_span()
+        return stop - start
 
-    def _rank_shards(self) -> list[int]:
+    def batches(self, batch_size: int, num_workers: int, drop_last: bool = False) -> int:
+        """How many batches a DataLoader over this dataset yields: each worker batches its own rows."""
+        rows = len(self)
+        sizes = [_split(rows, max(num_workers, 1), w) for w in range(max(num_workers, 1))]
+        per_worker = [stop - start for start, stop in sizes]
+        if drop_last:
+            return sum(n // batch_size for n in per_worker)
+        return sum(-(-n // batch_size) for n in per_worker)
+
+    def _rank_span(self) -> tuple[int, int]:
+        """This rank's [start, stop) in the epoch's sequence; past ``total`` it wraps round to the start."""
+        if self.equal_shares:
+            per_rank = -(-self.total // self.world)
+            return self.rank * per_rank, (self.rank + 1) * per_rank
+        return _split(self.total, self.world, self.rank)
+
+    def _epoch_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row in shard) of every valid row of the complete shards, in this epoch's order.
+
+        Drawn from (seed, epoch) alone, so every rank and worker lists the same sequence.
+        """
         shards = list(self.valid_rows)
+        rows = [self.valid_rows[s] for s in shards]
         if self.shuffle:
-            shards = np.random.default_rng([self.seed, self.epoch]).permutation(shards).tolist()
-        return shards[self.rank::self.world]
+            rng = np.random.default_rng([self.seed, self.epoch])
+            shards = rng.permutation(shards).tolist()
+            rows = [rng.permutation(self.valid_rows[s]) for s in shards]
+        shard_of = np.repeat(np.array(shards, dtype=np.int64), [len(r) for r in rows])
+        return shard_of, np.concatenate([np.empty(0, np.int64), *rows])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shards = self._rank_shards()[worker::workers]
-        quota = None
-        if self.equal_shares:
-            per_rank = self.total // self.world
-            quota = per_rank // workers + (1 if worker < per_rank % workers else 0)
-            if quota and not any(len(self.valid_rows[s]) for s in shards):
-                # more workers than shards, or only empty ones: draw from every shard instead
-                shards = list(self.valid_rows)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        cache = Cache.open(self.location)
-        samples = self._samples(cache, itertools.cycle(shards) if quota else iter(shards), rng)
-        if quota is not None:
-            samples = itertools.islice(samples, quota)
-        yield from self._shuffled(samples, rng) if self.shuffle else samples
+        rank_start, rank_stop = self._rank_span()
+        start, stop = _split(rank_stop - rank_start, workers, worker)
+        if start == stop:
+            return
+        shard_of, rows = self._epoch_order()
+        positions = (rank_start + np.arange(start, stop)) % self.total  # the wrap is the padding
+        # A worker's block is contiguous, so each shard's rows are one run, except that padding
+        # may come back to the first shard: grouping by shard still reads each shard once.
+        wanted: dict[int, list[int]] = {}
+        for shard, row in zip(shard_of[positions].tolist(), rows[positions].tolist()):
+            wanted.setdefault(shard, []).append(row)
+        samples = self._samples(Cache.open(self.location), wanted)
+        if self.shuffle:
+            samples = self._shuffled(samples, np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
+        yield from samples
 
-    def _samples(self, cache: Cache, shards: Iterator[int], rng: np.random.Generator) -> Iterator[dict]:
-        for shard in shards:
-            rows = self.valid_rows[shard]
-            if not len(rows):
-                continue
+    def _samples(self, cache: Cache, wanted: dict[int, list[int]]) -> Iterator[dict]:
+        for shard, rows in wanted.items():
             blocks = {tap: cache.read_shard(tap, shard, complete=True) for tap in self.taps}
             ids = cache.read_shard(S.IMAGE_ID, shard)
-            for row in rng.permutation(rows) if self.shuffle else rows:
+            for row in rows:
                 sample = {tap: torch.from_numpy(np.ascontiguousarray(block[row])) for tap, block in blocks.items()}
                 sample[S.IMAGE_ID] = int(ids[row])
                 yield sample
@@ -101,3 +139,10 @@ class CacheSamples(torch.utils.data.IterableDataset):
             yield sample
         rng.shuffle(buffer)
         yield from buffer
+
+
+def _split(total: int, parts: int, part: int) -> tuple[int, int]:
+    """[start, stop) of one of ``parts`` contiguous blocks covering ``total`` items; the first ones take one more."""
+    base, extra = divmod(total, parts)
+    start = part * base + min(part, extra)
+    return start, start + base + (part < extra)

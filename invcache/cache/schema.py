@@ -8,9 +8,12 @@ Blosc zstd with bit-shuffle and a crc32c checksum on every chunk. Beside the tap
 - ``orig_size`` (N, 2) int32, (H, W) before resizing;
 - ``valid`` (N,) bool, False where the image could not be read (its rows stay zeros);
 - ``failure`` (N,) str, the reason an image is invalid ("" otherwise);
-- ``shard_complete`` (num_shards,) bool, set only after every array of a shard is written.
+- ``shard_complete`` (num_shards,) bool, set only after every array of a shard is written;
+- ``mean_image`` (H, W, 3) float64 in [0, 1], the mean valid ``input``, written once extraction finishes.
 
 The per-image arrays are chunked by shard, so the writer of a shard owns every chunk it touches.
+Every array carries ``dimension_names`` and a ``description`` attribute (taps also name their
+``tap``), so plain zarr and xarray users see what they read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from invcache.taps import INPUT, tap_path
+from invcache.taps import BACKBONE_C5, HEAD_BOXES, HEAD_LOGITS, INPUT, layer_index, tap_path
 
 SCHEMA_VERSION = 1
 BLOSC_CNAME = "zstd"
@@ -33,7 +36,24 @@ ORIG_SIZE = "orig_size"
 VALID = "valid"
 FAILURE = "failure"
 SHARD_COMPLETE = "shard_complete"
+MEAN_IMAGE = "mean_image"
 PER_IMAGE_ARRAYS = (IMAGE_ID, ORIG_SIZE, VALID, FAILURE)
+BOOKKEEPING_ARRAYS = (*PER_IMAGE_ARRAYS, SHARD_COMPLETE, MEAN_IMAGE)
+
+TAP_DIMENSIONS = ("image", "token", "channel")
+INPUT_DIMENSIONS = ("image", "y", "x", "rgb")
+MEAN_IMAGE_DIMENSIONS = ("y", "x", "rgb")
+# The attribute of ``mean_image`` that holds how many images it averages (written last).
+MEAN_IMAGE_COUNT = "count"
+
+_BOOKKEEPING = {  # name -> (dimension names, description)
+    IMAGE_ID: (("image",), "COCO image id, ascending"),
+    ORIG_SIZE: (("image", "hw"), "original (height, width) of the image before resizing"),
+    VALID: (("image",), "False where the image could not be read (its rows are zeros)"),
+    FAILURE: (("image",), "why the image is invalid (empty if valid)"),
+    SHARD_COMPLETE: (("shard",), "True once every array of the shard is written"),
+    MEAN_IMAGE: (MEAN_IMAGE_DIMENSIONS, "mean of the valid input images, RGB in [0, 1]"),
+}
 
 # Root attributes that must agree for a run to resume an existing cache.
 SETTINGS_KEYS = ("schema_version", "model", "preprocessing", "source", "taps", "shard_size", "codec")
@@ -69,6 +89,40 @@ def codec_record(keepbits: int | None) -> dict:
     }
 
 
+def tap_description(tap: str) -> str:
+    """What a tap holds, in SPEC §1's words."""
+    fixed = {
+        INPUT: "the resized RGB image fed to DETR, before normalization",
+        BACKBONE_C5: "ResNet layer4 output, token-major (row-major h, w)",
+        HEAD_LOGITS: "class logits per query, including the no-object class (last)",
+        HEAD_BOXES: "boxes per query (cx, cy, w, h), sigmoid applied, normalized to the resized image",
+    }
+    k = layer_index(tap)
+    if tap in fixed:
+        return fixed[tap]
+    if k is None:
+        raise ValueError(f"{tap!r} is not a tap")
+    if tap.startswith("dec."):
+        return f"output of decoder layer {k}, after the decoder's final LayerNorm"
+    if k == 0:
+        return "backbone embedding input_proj(c5), token-major (row-major h, w): the encoder input"
+    return f"output of encoder layer {k}"
+
+
+def tap_labels(tap: str) -> dict:
+    """``create_array`` keyword arguments naming a tap array's dimensions and content."""
+    return {
+        "dimension_names": INPUT_DIMENSIONS if tap == INPUT else TAP_DIMENSIONS,
+        "attributes": {"tap": tap, "description": tap_description(tap)},
+    }
+
+
+def bookkeeping_labels(name: str) -> dict:
+    """``create_array`` keyword arguments naming a bookkeeping array's dimensions and content."""
+    dims, description = _BOOKKEEPING[name]
+    return {"dimension_names": dims, "attributes": {"description": description}}
+
+
 def tap_codecs(tap: str, keepbits: int | None) -> dict:
     """``create_array`` keyword arguments for a tap's filters and compressors."""
     compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
@@ -90,9 +144,19 @@ def per_image_array_specs(num_images: int, shard_size: int) -> dict[str, dict]:
         FAILURE: {"shape": (num_images,), "dtype": str, "chunks": (chunk,)},
         SHARD_COMPLETE: {"shape": (num_shards(num_images, shard_size),), "dtype": bool, "chunks": (1,)},
     }
-    for spec in specs.values():
+    for name, spec in specs.items():
         spec["compressors"] = [ZstdCodec(level=1), Crc32cCodec()]
+        spec.update(bookkeeping_labels(name))
     return specs
+
+
+def mean_image_spec(row_shape: tuple[int, ...]) -> dict:
+    """``create_array`` keyword arguments of ``mean_image``: one chunk, zstd and a crc32c.
+
+    Its ``count`` attribute is written after the data, so a write cut short lacks it.
+    """
+    return {"shape": row_shape, "dtype": np.float64, "chunks": row_shape,
+            "compressors": [ZstdCodec(level=1), Crc32cCodec()], **bookkeeping_labels(MEAN_IMAGE)}
 
 
 def empty_bookkeeping(rows: int) -> dict[str, np.ndarray]:
@@ -107,4 +171,4 @@ def empty_bookkeeping(rows: int) -> dict[str, np.ndarray]:
 
 def array_path(name: str) -> str:
     """The path of a tap or bookkeeping array inside the group."""
-    return name if name in PER_IMAGE_ARRAYS or name == SHARD_COMPLETE else tap_path(name)
+    return name if name in BOOKKEEPING_ARRAYS else tap_path(name)

@@ -1,31 +1,60 @@
-"""Image sources: COCO folders, webdataset shards, and the synthetic COCO-format generator."""
+"""Image sources: COCO folders, webdataset shards, and the synthetic COCO-format generator.
+
+The constants and :func:`open_split` are defined here; the other names load on first use, so
+``invcache --help`` can read :data:`SYNTHETIC_IMAGES` and :data:`DEFAULT_COCO_ROOT` without torch.
+"""
 
 from __future__ import annotations
 
 import os
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from invcache.data.coco import CocoFolder, load_coco
-from invcache.data.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Sample,
-    normalize,
-    parse_size,
-    preprocessing_record,
-)
-from invcache.data.synthetic import FAULTS, generate_coco
-from invcache.data.wds import WdsImages, coco_to_wds
 from invcache.errors import UsageError
 from invcache.settings import DEFAULT_SIZE
 from invcache.workspace import Workspace
 
+if TYPE_CHECKING:
+    from invcache.data.coco import CocoFolder
+
 SOURCES = ("coco", "synthetic")
+DEFAULT_COCO_ROOT = "./data/coco"
+# The split names the synthetic generator knows, and their sizes; another name needs an explicit size.
 SYNTHETIC_IMAGES = {"train2017": 64, "val2017": 16}
+
+# public name -> module that defines it
+_EXPORTS = {
+    "CocoFolder": "invcache.data.coco",
+    "load_coco": "invcache.data.coco",
+    "IMAGENET_MEAN": "invcache.data.preprocess",
+    "IMAGENET_STD": "invcache.data.preprocess",
+    "Sample": "invcache.data.preprocess",
+    "normalize": "invcache.data.preprocess",
+    "parse_size": "invcache.data.preprocess",
+    "preprocessing_record": "invcache.data.preprocess",
+    "FAULTS": "invcache.data.synthetic",
+    "generate_coco": "invcache.data.synthetic",
+    "WdsImages": "invcache.data.wds",
+    "coco_to_wds": "invcache.data.wds",
+    "shard_pattern": "invcache.data.wds",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'invcache.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 def default_coco_root() -> Path:
-    return Path(os.environ.get("COCO_ROOT", "./data/coco"))
+    return Path(os.environ.get("COCO_ROOT", DEFAULT_COCO_ROOT))
 
 
 def open_split(
@@ -39,13 +68,21 @@ def open_split(
 ) -> CocoFolder:
     """The dataset of one split: a COCO folder, or the synthetic dataset in ``<workspace>/synthetic-coco``.
 
-    The synthetic dataset is generated on first use (deterministically, so reuse is safe).
+    The synthetic dataset is generated on first use (deterministically, so reuse is safe). Its
+    split names are those of :data:`SYNTHETIC_IMAGES` unless ``synthetic_images`` is given: a
+    typo such as ``val2071`` would otherwise quietly generate a new split.
     """
+    from invcache.data.coco import CocoFolder
+    from invcache.data.synthetic import generate_coco
+
     if source == "coco":
         return CocoFolder(coco_root if coco_root is not None else default_coco_root(), split, size)
     if source == "synthetic":
+        if synthetic_images is None and split not in SYNTHETIC_IMAGES:
+            raise UsageError(f"unknown synthetic split {split!r}; choose from: {', '.join(SYNTHETIC_IMAGES)} "
+                             "(or give --synthetic-images N to generate a split of another name)")
         root = Workspace.at(workspace).synthetic_coco
-        count = synthetic_images or SYNTHETIC_IMAGES.get(split, 16)
+        count = synthetic_images or SYNTHETIC_IMAGES[split]
         annotation = root / "annotations" / f"instances_{split}.json"
         if not annotation.is_file():
             generate_coco(root, split, num_images=count)
@@ -58,7 +95,7 @@ def open_split(
 
 
 __all__ = [
-    "DEFAULT_SIZE", "FAULTS", "IMAGENET_MEAN", "IMAGENET_STD", "CocoFolder", "Sample", "WdsImages",
-    "coco_to_wds", "default_coco_root", "generate_coco", "load_coco", "normalize",
-    "open_split", "parse_size", "preprocessing_record",
+    "DEFAULT_COCO_ROOT", "DEFAULT_SIZE", "FAULTS", "IMAGENET_MEAN", "IMAGENET_STD", "SOURCES", "SYNTHETIC_IMAGES",
+    "CocoFolder", "Sample", "WdsImages", "coco_to_wds", "default_coco_root", "generate_coco", "load_coco",
+    "normalize", "open_split", "parse_size", "preprocessing_record", "shard_pattern",
 ]

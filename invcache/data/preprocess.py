@@ -41,7 +41,6 @@ def preprocessing_record(size: tuple[int, int]) -> dict:
         "std": list(IMAGENET_STD),
         "resample": RESAMPLE,
         "color": "RGB (gray/CMYK/palette converted; alpha dropped; 16-bit scaled)",
-        "perturbation": None,
     }
 
 

@@ -1,7 +1,9 @@
 """COCO as webdataset tar shards: one sample per image, ``.jpg`` (the original file's bytes) + ``.json``.
 
 The ``.json`` holds ``{"image": <COCO image record>, "annotations": [<its annotations>]}``.
-Shards are read from local paths or any URL webdataset opens (``https://…``, ``pipe:…``).
+Shards are read from local paths or any URL webdataset opens (``https://…``, ``pipe:…``). Local
+shards are checked before streaming, so a missing one is named up front; an error while
+streaming (an unreachable URL, a corrupt tar) is raised as one line naming the shard.
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.shardlists import expand_urls
 
 from invcache.data.coco import CocoFolder
 from invcache.data.preprocess import Sample, load_sample
-from invcache.errors import UsageError
+from invcache.errors import InvcacheError, UsageError
 from invcache.settings import DEFAULT_SIZE
+
+SHARD_DIGITS = 6
 
 
 def coco_to_wds(
@@ -37,7 +43,7 @@ def coco_to_wds(
     ids = dataset.image_ids
     shards = []
     for shard_index, start in enumerate(range(0, len(ids), images_per_shard)):
-        final = out_dir / f"coco-{split}-{shard_index:06d}.tar"
+        final = out_dir / f"coco-{split}-{shard_index:0{SHARD_DIGITS}d}.tar"
         partial = final.with_suffix(".tar.partial")
         with wds.TarWriter(str(partial), encoder=False) as sink:
             for image_id in ids[start:start + images_per_shard]:
@@ -53,6 +59,48 @@ def coco_to_wds(
     return shards
 
 
+def shard_pattern(shards: list[Path]) -> str:
+    """The ``--wds`` pattern naming the shards :func:`coco_to_wds` wrote: a brace range, or the one path."""
+    if len(shards) == 1:
+        return str(shards[0])
+    first, last = (shard.name.removesuffix(".tar") for shard in (shards[0], shards[-1]))
+    prefix = first[:-SHARD_DIGITS]
+    return str(shards[0].parent / f"{prefix}{{{first[-SHARD_DIGITS:]}..{last[-SHARD_DIGITS:]}}}.tar")
+
+
+def _expand(urls: str | list[str]) -> list[str]:
+    return expand_urls(urls) if isinstance(urls, str) else list(urls)
+
+
+def check_shards(urls: str | list[str]) -> None:
+    """Raise a one-line UsageError naming the first local shard that is not there.
+
+    webdataset would only find out while streaming, in a DataLoader worker, with a traceback.
+    URLs (``scheme://…``, ``pipe:…``) are left to the stream.
+    """
+    shards = _expand(urls)
+    if not shards:
+        raise UsageError(f"webdataset {urls!r} names no shard")
+    for url in shards:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        path = Path(url.removeprefix("file:"))
+        if not path.is_file():
+            raise UsageError(f"webdataset shard not found: {path} (from --wds {urls})")
+
+
+def _stream(samples: Iterable[dict], urls: str | list[str]) -> Iterator[dict]:
+    """The stream's samples; an error reading a shard becomes one line that names it."""
+    try:
+        yield from samples
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        # webdataset appends the shard's URL (and the stream) to the error's args
+        shards = set(_expand(urls))
+        where = next((a for a in reversed(exc.args) if isinstance(a, str) and a in shards), urls)
+        reason = getattr(exc, "strerror", None) or next((a for a in exc.args if isinstance(a, str)), repr(exc))
+        raise InvcacheError(f"webdataset shard {where}: cannot read it ({reason})") from None
+
+
 def _every_node(urls):
     return urls
 
@@ -61,6 +109,7 @@ class WdsImages(torch.utils.data.IterableDataset):
     """Images streamed from webdataset shards, in shard order; DataLoader workers split the shards."""
 
     def __init__(self, urls: str | list[str], size: tuple[int, int] = DEFAULT_SIZE) -> None:
+        check_shards(urls)
         self.urls = urls
         self.size = size
 
@@ -69,7 +118,7 @@ class WdsImages(torch.utils.data.IterableDataset):
             self.urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=wds.split_by_worker,
             empty_check=False,
         )
-        for raw in stream:
+        for raw in _stream(stream, self.urls):
             record = json.loads(raw["json"])["image"]
             if not self._keep(record):
                 continue
@@ -87,7 +136,6 @@ class WdsImages(torch.utils.data.IterableDataset):
         return (sample.as_dict() for sample in self.samples())
 
 
-
 class WdsSplit:
     """A webdataset split addressed like a COCO folder: ``image_ids`` known up front, rows decoded on demand.
 
@@ -97,12 +145,13 @@ class WdsSplit:
     """
 
     def __init__(self, urls: str | list[str], split: str, size: tuple[int, int] = DEFAULT_SIZE) -> None:
+        check_shards(urls)
         self.urls, self.split, self.size = urls, split, size
         stream = wds.WebDataset(
             urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=None, empty_check=False,
             select_files=lambda name: name.endswith(".json"),
         )
-        self._metadata = [raw["json"] for raw in stream]
+        self._metadata = [raw["json"] for raw in _stream(stream, urls)]
         self.image_ids = [json.loads(meta)["image"]["id"] for meta in self._metadata]
         if self.image_ids != sorted(set(self.image_ids)):
             raise UsageError(

@@ -1,19 +1,25 @@
 """The extraction loop: batches in, whole shards out, with the device, the host and the writers overlapped.
 
-- DataLoader workers decode and resize (no pinning thread: uint8 batches are small and the
-  copy to the device is not what limits a run);
-- the forward of batch i+1 is queued on the device before the host copies batch i's taps
-  (a non-blocking device-to-host copy into pinned memory, waited on one batch later);
-- rows are gathered into whole-shard buffers; a full shard goes to a pool of writer threads
-  while the loop continues; at most ``writers`` shards are being written while the next are
-  filled (one or two for a folder source, whose batches arrive in row order; up to one per
-  DataLoader worker for webdataset), so memory stays bounded.
+Three stages, each usable alone:
+
+- :func:`forward_to_host` queues the forward of a batch and a non-blocking device-to-host
+  copy of its taps (pinned memory on CUDA), so the forward of batch i+1 runs while batch i
+  is placed;
+- :class:`ShardAssembler` places the rows of each batch into whole-shard buffers (checking
+  that every row is the image the cache expects) and hands out each shard once it is whole;
+- :class:`ShardWriters` compresses and writes whole shards on a pool of threads, at most
+  ``writers`` in flight, so memory stays bounded (one or two shards for a folder source,
+  whose batches arrive in row order; up to one per DataLoader worker for webdataset).
+
+:func:`run_extraction` composes them. DataLoader workers decode and resize
+(:func:`loader_batches`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,16 +29,6 @@ from invcache.cache.store import Cache
 from invcache.errors import InvcacheError
 from invcache.forward import forward_taps
 from invcache.taps import INPUT
-
-
-class ShardBuffer:
-    """Rows of one shard gathered from batches until the shard is whole."""
-
-    def __init__(self, shard: int, start: int, stop: int, tap_shapes: dict) -> None:
-        self.shard, self.start, self.rows = shard, start, stop - start
-        self.taps = {t: np.zeros((self.rows, *shape), S.tap_dtype(t)) for t, shape in tap_shapes.items()}
-        self.meta = S.empty_bookkeeping(self.rows)
-        self.filled = 0
 
 
 def loader_batches(dataset, rows: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
@@ -52,9 +48,25 @@ def loader_batches(dataset, rows: list[int], batch_size: int, num_workers: int) 
         yield batch
 
 
-def _start_host_copy(out: dict[str, torch.Tensor], batch: dict, taps: list[str]) -> tuple[dict, object]:
-    """fp16 copies of the taps on the host; on CUDA non-blocking, with an event to wait on."""
-    host, event = {}, None
+@dataclass
+class HostBatch:
+    """A batch's taps on their way to (or already in) host memory, fp16 except ``input``."""
+
+    batch: dict
+    taps: dict[str, torch.Tensor]
+    ready: torch.cuda.Event | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The taps as numpy arrays, once the device-to-host copies have landed."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {t: v.numpy() for t, v in self.taps.items()}
+
+
+def forward_to_host(model, batch: dict, taps: list[str], amp: torch.dtype | None) -> HostBatch:
+    """Queue the forward of one batch and the copies of its taps to the host (non-blocking on CUDA)."""
+    out = forward_taps(model, batch["input"], taps, amp)
+    host: dict[str, torch.Tensor] = {}
     for tap in taps:
         if tap == INPUT:
             host[tap] = batch["input"]
@@ -66,10 +78,122 @@ def _start_host_copy(out: dict[str, torch.Tensor], batch: dict, taps: list[str])
             host[tap] = pinned
         else:
             host[tap] = values
+    ready = None
     if any(t.is_cuda for t in out.values()):
-        event = torch.cuda.Event()
-        event.record()
-    return host, event
+        ready = torch.cuda.Event()
+        ready.record()
+    return HostBatch(batch, host, ready)
+
+
+class ShardBuffer:
+    """Rows of one shard gathered from batches until the shard is whole."""
+
+    def __init__(self, shard: int, start: int, stop: int, tap_shapes: dict) -> None:
+        self.shard, self.start, self.rows = shard, start, stop - start
+        self.taps = {t: np.zeros((self.rows, *shape), S.tap_dtype(t)) for t, shape in tap_shapes.items()}
+        self.meta = S.empty_bookkeeping(self.rows)
+        self.filled = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.filled == self.rows
+
+
+class ShardAssembler:
+    """Places batch rows into their shards' buffers; returns each shard once all its rows have arrived."""
+
+    def __init__(self, cache: Cache, image_ids: Sequence[int], tap_shapes: dict) -> None:
+        self.cache = cache
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.tap_shapes = tap_shapes
+        self.pending: dict[int, ShardBuffer] = {}
+
+    def place(self, batch: dict, arrays: dict[str, np.ndarray]) -> list[ShardBuffer]:
+        valid = batch["valid"].numpy().astype(bool)
+        batch_rows = batch["row"].numpy()
+        batch_ids = batch["image_id"].numpy()
+        expected = self.image_ids[batch_rows]
+        if not np.array_equal(batch_ids, expected):
+            i = int(np.flatnonzero(batch_ids != expected)[0])
+            raise InvcacheError(
+                f"image order changed: row {batch_rows[i]} is id {batch_ids[i]}, the cache expects {expected[i]}"
+            )
+        whole = []
+        for first, last in _runs(batch_rows, self.cache.shard_size):
+            shard = int(batch_rows[first]) // self.cache.shard_size
+            if shard not in self.pending:
+                self.pending[shard] = ShardBuffer(shard, *self.cache.shard_bounds(shard), self.tap_shapes)
+            buffer = self.pending[shard]
+            rows = slice(int(batch_rows[first]) - buffer.start, int(batch_rows[last - 1]) - buffer.start + 1)
+            for tap, values in arrays.items():
+                buffer.taps[tap][rows] = values[first:last]
+                buffer.taps[tap][rows][~valid[first:last]] = 0  # an unreadable image keeps all-zero rows
+            buffer.meta[S.IMAGE_ID][rows] = batch_ids[first:last]
+            buffer.meta[S.ORIG_SIZE][rows] = batch["orig_size"].numpy()[first:last]
+            buffer.meta[S.VALID][rows] = valid[first:last]
+            buffer.meta[S.FAILURE][rows] = batch["error"][first:last]
+            buffer.filled += last - first
+            if buffer.whole:
+                whole.append(self.pending.pop(shard))
+        return whole
+
+
+@dataclass
+class ExtractionTotals:
+    """What one process's loop wrote: raw bytes, and the valid ``input`` rows' pixel sum for the mean image."""
+
+    raw_bytes: int = 0
+    input_sum: np.ndarray | None = None
+    input_count: int = 0
+    shards: list[int] = field(default_factory=list)
+
+
+class ShardWriters:
+    """Writes whole shards on ``writers`` threads; blocks the caller while ``writers`` shards are in flight.
+
+    Shard threads assemble and store shards; codec threads compress their images, so even the
+    last shard of a run is compressed by every thread rather than one.
+    """
+
+    def __init__(self, cache: Cache, writers: int) -> None:
+        self.cache, self.writers = cache, writers
+        self.totals = ExtractionTotals()
+        self._in_flight: list[Future] = []
+        self._shard_pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer")
+        self._codec_pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-codec")
+
+    def __enter__(self) -> ShardWriters:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._shard_pool.shutdown(wait=True)
+        self._codec_pool.shutdown(wait=True)
+
+    def submit(self, buffer: ShardBuffer) -> None:
+        while len(self._in_flight) >= self.writers:
+            self._collect(self._in_flight.pop(0))
+        self._in_flight.append(self._shard_pool.submit(self._write, buffer))
+
+    def drain(self) -> ExtractionTotals:
+        while self._in_flight:
+            self._collect(self._in_flight.pop(0))
+        return self.totals
+
+    def _write(self, buffer: ShardBuffer) -> tuple[int, int, np.ndarray | None, int]:
+        written = self.cache.write_shard(buffer.shard, buffer.taps, buffer.meta, self._codec_pool)
+        if INPUT not in buffer.taps:
+            return buffer.shard, written, None, 0
+        valid = buffer.meta[S.VALID]
+        return buffer.shard, written, buffer.taps[INPUT][valid].sum(axis=0, dtype=np.uint64), int(valid.sum())
+
+    def _collect(self, future: Future) -> None:
+        shard, written, input_sum, count = future.result()
+        totals = self.totals
+        totals.raw_bytes += written
+        totals.shards.append(shard)
+        if input_sum is not None:
+            totals.input_sum = input_sum if totals.input_sum is None else totals.input_sum + input_sum
+            totals.input_count += count
 
 
 def run_extraction(
@@ -81,75 +205,30 @@ def run_extraction(
     amp: torch.dtype | None,
     writers: int,
     progress: Callable[[int, int], None] | None = None,
-) -> int:
-    """Forward every batch, assemble whole shards, write them; returns the raw bytes written."""
-    tap_shapes = {t: tuple(cache.array(t).shape[1:]) for t in taps}
-    image_ids = np.asarray(image_ids, dtype=np.int64)
-    buffers: dict[int, ShardBuffer] = {}
-    in_flight: list[Future] = []
-    raw_bytes = 0
+) -> ExtractionTotals:
+    """Forward every batch, assemble whole shards, write them; ``progress(images, raw_bytes)`` per batch."""
+    assembler = ShardAssembler(cache, image_ids, {t: tuple(cache.array(t).shape[1:]) for t in taps})
+    with ShardWriters(cache, writers) as shard_writers:
 
-    def finish(future: Future) -> None:
-        nonlocal raw_bytes
-        written, images = future.result()
-        raw_bytes += written
-        if progress:
-            progress(images, written)
+        def place(host: HostBatch) -> None:
+            arrays = host.arrays()
+            for buffer in assembler.place(host.batch, arrays):
+                shard_writers.submit(buffer)
+            if progress:
+                progress(len(host.batch["image_id"]), sum(a.nbytes for a in arrays.values()))
 
-    def write(buffer: ShardBuffer) -> tuple[int, int]:
-        return cache.write_shard(buffer.shard, buffer.taps, buffer.meta, codec_pool), buffer.rows
-
-    def place(batch: dict, host: dict, event) -> None:
-        if event is not None:
-            event.synchronize()
-        arrays = {t: v.numpy() for t, v in host.items()}
-        valid = batch["valid"].numpy().astype(bool)
-        batch_rows = batch["row"].numpy()
-        batch_ids = batch["image_id"].numpy()
-        expected = image_ids[batch_rows]
-        if not np.array_equal(batch_ids, expected):
-            i = int(np.flatnonzero(batch_ids != expected)[0])
-            raise InvcacheError(
-                f"image order changed: row {batch_rows[i]} is id {batch_ids[i]}, the cache expects {expected[i]}"
-            )
-        for first, last in _runs(batch_rows, cache.shard_size):
-            shard = int(batch_rows[first]) // cache.shard_size
-            if shard not in buffers:
-                buffers[shard] = ShardBuffer(shard, *cache.shard_bounds(shard), tap_shapes)
-            buffer = buffers[shard]
-            rows = slice(int(batch_rows[first]) - buffer.start, int(batch_rows[last - 1]) - buffer.start + 1)
-            for t in taps:
-                buffer.taps[t][rows] = arrays[t][first:last]
-                buffer.taps[t][rows][~valid[first:last]] = 0  # an unreadable image keeps all-zero rows
-            buffer.meta[S.IMAGE_ID][rows] = batch_ids[first:last]
-            buffer.meta[S.ORIG_SIZE][rows] = batch["orig_size"].numpy()[first:last]
-            buffer.meta[S.VALID][rows] = valid[first:last]
-            buffer.meta[S.FAILURE][rows] = batch["error"][first:last]
-            buffer.filled += last - first
-            if buffer.filled == buffer.rows:
-                del buffers[shard]
-                while len(in_flight) >= writers:
-                    finish(in_flight.pop(0))
-                in_flight.append(pool.submit(write, buffer))
-
-    # Shard threads assemble and store shards; codec threads compress their images, so even the
-    # last shard of a run is compressed by every thread rather than one.
-    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer") as pool, \
-            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-codec") as codec_pool:
         previous = None
         for batch in batches:
-            out = forward_taps(model, batch["input"], taps, amp)
-            current = (batch, *_start_host_copy(out, batch, taps))
+            current = forward_to_host(model, batch, taps, amp)
             if previous is not None:
-                place(*previous)
+                place(previous)
             previous = current
         if previous is not None:
-            place(*previous)
-        for future in in_flight:
-            finish(future)
-    if buffers:
-        raise InvcacheError(f"the source ended before shards {sorted(buffers)} were complete")
-    return raw_bytes
+            place(previous)
+        totals = shard_writers.drain()
+    if assembler.pending:
+        raise InvcacheError(f"the source ended before shards {sorted(assembler.pending)} were complete")
+    return totals
 
 
 def _runs(rows: np.ndarray, shard_size: int) -> Iterator[tuple[int, int]]:

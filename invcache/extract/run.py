@@ -11,29 +11,35 @@ rank 0 creates the arrays before any rank writes.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from invcache import __version__
 from invcache.cache import schema as S
+from invcache.cache.provenance import resume_differences
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
-from invcache.extract.loop import loader_batches, run_extraction
+from invcache.extract.loop import ExtractionTotals, loader_batches, run_extraction
 from invcache.forward import resolve_amp
 from invcache.hashing import bytes_sha256
 from invcache.models import build_detr, get_config
 from invcache.settings import ExtractSettings
 from invcache.taps import INPUT
+
+log = logging.getLogger(__name__)
 
 # Typical Blosc-zstd bit-shuffle ratio on LayerNorm'd fp16 activations (measured, SPEC §3);
 # images are assumed not to compress, so the estimate errs on the safe side.
@@ -59,7 +65,8 @@ def extract(
     """Run (or resume) an extraction.
 
     ``on_plan(images)`` is told how many images this process will extract;
-    ``progress(images, raw_bytes)`` is called as each shard is written.
+    ``progress(images, raw_bytes)`` is called after each batch. Under torchrun, call it
+    inside :func:`invcache.distributed.process_group`.
     """
     _validate(settings)
     rank, world = rank_and_world()
@@ -76,20 +83,23 @@ def extract(
     attributes = {
         "model": model.fingerprint,
         "preprocessing": preprocessing_record(settings.size),
+        "perturbation": None,
         "source": {**dataset.source_record(), "images": len(image_ids)},
         "taps": taps,
         "shard_size": settings.shard_size,
         "codec": S.codec_record(settings.keepbits),
         "schema_version": S.SCHEMA_VERSION,
+        "image_ids_sha256": bytes_sha256(np.asarray(image_ids, dtype=np.int64).tobytes()),
     }
     location = settings.cache_location()
 
-    cache = rank0_first(lambda: _create_or_resume(location, settings, attributes, tap_shapes, image_ids),
+    cache = rank0_first(lambda: _create_or_resume(location, settings, attributes, tap_shapes),
                         lambda: Cache.open(location, mode="r+"), rank, world)
 
     complete = cache.complete_shards()
-    owned = [s for s in range(cache.num_shards) if s % world == rank and not complete[s]]
-    skipped = sum(1 for s in range(cache.num_shards) if s % world == rank and complete[s])
+    mine = [s for s in range(cache.num_shards) if s % world == rank]
+    owned = [s for s in mine if not complete[s]]
+    skipped = [s for s in mine if complete[s]]
     for shard in owned:
         cache.clear_shard(shard)
     if on_plan:
@@ -97,10 +107,13 @@ def extract(
 
     started = time.perf_counter()
     rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
-    raw_bytes = run_extraction(
-        cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
-        model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
-    ) if rows else 0
+    with _cudnn_benchmark(settings.cudnn_benchmark):
+        totals = run_extraction(
+            cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
+            model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
+        ) if rows else ExtractionTotals()
+    if INPUT in taps:
+        _store_mean_image(cache, totals, skipped, rank, world, device)
     barrier(world)
     failures = cache.failures()
     if rank == 0:
@@ -109,10 +122,38 @@ def extract(
             "complete": bool(cache.complete_shards().all()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-
     return ExtractResult(
-        location, len(image_ids), len(owned), skipped, failures, time.perf_counter() - started, raw_bytes
+        location, len(image_ids), len(owned), len(skipped), failures, time.perf_counter() - started,
+        totals.raw_bytes,
     )
+
+
+def _store_mean_image(cache: Cache, totals: ExtractionTotals, skipped: list[int], rank: int, world: int,
+                      device: torch.device) -> None:
+    """The mean of ``input`` over valid rows, from the sums of the shards this run wrote and those done before."""
+    total, count = cache.sum_valid_input(skipped)
+    if totals.input_sum is not None:
+        total, count = total + totals.input_sum, count + totals.input_count
+    if world > 1:
+        # int64 holds 255 × 2^55 images' worth of sums; the collective needs the group's device
+        on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = torch.from_numpy(np.append(total.astype(np.int64).ravel(), count)).to(on)
+        dist.all_reduce(reduced)
+        reduced = reduced.cpu().numpy()
+        total, count = reduced[:-1].reshape(total.shape).astype(np.uint64), int(reduced[-1])
+    if rank == 0 and cache.complete_shards().all() and count:
+        cache.write_mean_image(total, count)
+
+
+@contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning for this extraction only (it is process-wide state, so restore it)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _validate(settings: ExtractSettings) -> None:
@@ -135,20 +176,16 @@ def _open_source(settings: ExtractSettings):
     )
 
 
-def _create_or_resume(
-    location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict, image_ids: list[int]
-) -> Cache:
-    ids_sha256 = bytes_sha256(np.asarray(image_ids, dtype=np.int64).tobytes())
+def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict) -> Cache:
     found = Cache.probe(location)
     if found == "foreign" and not settings.overwrite:
         raise InvcacheError(
             f"{location} holds something that is not an invcache cache; choose another --out or pass --overwrite"
         )
+    num_images = attributes["source"]["images"]
     if found == "ready" and not settings.overwrite:
         cache = Cache.open(location, mode="r+")
-        diffs = S.differences(cache.settings(), attributes, S.SETTINGS_KEYS)
-        if cache.attrs.get("image_ids_sha256") != ids_sha256:
-            diffs.append("the source's image ids")
+        diffs = resume_differences(cache.attrs, attributes)
         if diffs:
             raise InvcacheError(
                 f"the cache at {location} was made with other settings ({'; '.join(diffs)}); "
@@ -158,12 +195,12 @@ def _create_or_resume(
         _check_disk(location, tap_shapes, cache.rows_in(np.flatnonzero(~cache.complete_shards())), settings.force)
         return cache
     # Nothing there, a creation that was cut short, or --overwrite: start afresh.
-    _check_disk(location, tap_shapes, len(image_ids), settings.force)
+    _check_disk(location, tap_shapes, num_images, settings.force)
     if found != "absent" and "://" not in location:
         shutil.rmtree(location)
     cache = Cache.create(
-        location, num_images=len(image_ids), tap_shapes=tap_shapes, shard_size=settings.shard_size,
-        keepbits=settings.keepbits, attributes={**attributes, "state": "creating", "image_ids_sha256": ids_sha256},
+        location, num_images=num_images, tap_shapes=tap_shapes, shard_size=settings.shard_size,
+        keepbits=settings.keepbits, attributes={**attributes, "state": "creating"},
     )
     cache.group.attrs.update({
         "state": "ready", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
@@ -191,13 +228,13 @@ def _check_disk(location: str, tap_shapes: dict, images: int, force: bool) -> No
     needed = estimate_bytes(tap_shapes, images)
     message = f"disk estimate: {needed / 1e9:.2f} GB for {images} image(s)"
     if "://" in location:
-        print(message, file=sys.stderr)
+        log.info(message)
         return
     probe = Path(location).resolve()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    print(f"{message}; {free / 1e9:.2f} GB free at {probe}", file=sys.stderr)
+    log.info(f"{message}; {free / 1e9:.2f} GB free at {probe}")
     if needed > free and not force:
         raise InvcacheError(
             f"not enough disk at {probe}: need about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free "

@@ -28,8 +28,8 @@ def build_detr(name: str = "detr-r50", weights: str = "official", device: str | 
     model = model.to(device)
     if torch.device(device).type == "cuda":
         # cuDNN's fastest convolutions on tensor cores take NHWC; normalize() already yields NHWC-strided input.
+        # (cuDNN autotuning is process-wide state: extraction turns it on only when asked.)
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
     return model
 
 

@@ -47,13 +47,11 @@ class DETR(nn.Module):
         )
         self.class_embed = nn.Linear(config.d_model, config.num_classes + 1)
         self.bbox_embed = MLP(config.d_model, config.d_model, 4, 3)
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
 
     def position_encoding(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        key = (height, width, str(device))
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sine_position_encoding(height, width, self.config.d_model // 2, device=device)
-        return self._pos_cache[key]
+        # Computed per call, not cached on the module: a tensor made under inference mode could
+        # not take part in a later training forward, and the encoding costs next to nothing.
+        return sine_position_encoding(height, width, self.config.d_model // 2, device=device)
 
     def forward(self, images: torch.Tensor, taps: Iterable[str]) -> dict[str, torch.Tensor]:
         """Run DETR on normalized images (B, 3, H, W) and return the requested taps.

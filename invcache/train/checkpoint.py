@@ -3,7 +3,7 @@
 ``<dir>/last.*`` also holds the optimizer state and the epoch, so training resumes;
 ``<dir>/best.*`` is the module with the lowest validation loss. The cache fingerprint is
 what a module must share with any cache it is chained with or evaluated on: the DETR that
-made the cache (config and weights) and the preprocessing.
+made the cache (config and weights) and the preprocessing (``invcache.cache.provenance``).
 """
 
 from __future__ import annotations
@@ -17,27 +17,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from invcache.cache.schema import differences
+from invcache.cache.provenance import pairing_differences, pairing_fingerprint
 from invcache.errors import InvcacheError
 from invcache.inverse import InverseSpec, build_inverse
 
-FINGERPRINT_KEYS = ("model", "preprocessing")
-
-
 def cache_fingerprint(cache_attrs: dict) -> dict:
-    model = cache_attrs["model"]
-    return {
-        "model": {"name": model["model"], "config": model["config"], "weights_sha256": model["weights_sha256"]},
-        "preprocessing": cache_attrs["preprocessing"],
-    }
+    """What a module records of the cache it was trained on (what every cache it meets must share)."""
+    return pairing_fingerprint(cache_attrs)
 
 
 def check_compatible(fingerprint: dict, cache_attrs: dict, what: str, where: str) -> None:
-    """Refuse to pair ``what`` (trained on ``fingerprint``) with the cache at ``where``, naming the difference."""
-    diffs = differences(fingerprint, cache_fingerprint(cache_attrs), FINGERPRINT_KEYS)
+    """Refuse to pair ``what`` (with ``fingerprint``) with ``where`` (a cache with ``cache_attrs``), naming why."""
+    diffs = pairing_differences(fingerprint, cache_attrs)
     if diffs:
-        raise InvcacheError(f"{what} was trained on a cache of another model or preprocessing than {where}: "
-                            f"{'; '.join(diffs)}")
+        raise InvcacheError(f"{what} does not belong with {where}: they come from another DETR or preprocessing "
+                            f"({'; '.join(diffs)})")
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -47,11 +41,10 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def save(directory: Path, stem: str, module: nn.Module, meta: dict,
-         optimizer: torch.optim.Optimizer | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+         optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write ``<stem>.safetensors`` then ``<stem>.json`` (the JSON last: it marks the pair complete)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"module.{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
     meta = dict(meta)
     if optimizer is not None:
         state = optimizer.state_dict()

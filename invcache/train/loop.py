@@ -1,37 +1,61 @@
 """``invcache train NAME``: fit one inverse module from the cache alone — DETR is never built.
 
+Read top to bottom: :func:`prepare` checks the caches and builds (or restores) the module,
+its optimizer and its history; :func:`train_step` is one optimizer step (also what the
+training-speed benchmark times); :func:`train_epoch` runs one epoch of steps; :func:`evaluate`
+is the validation pass; :func:`save_epoch` writes the checkpoints and the metrics line;
+:func:`train` strings them together.
+
 Adam at the module's learning rate; one validation pass per epoch on the validation cache
 (the training loss stands in without one); ``last`` is saved every epoch (weights,
 optimizer, epoch), ``best`` whenever the validation loss improves; one JSON line per epoch
-in ``metrics.jsonl``. Data order depends only on (seed, epoch), so a run resumed from
-``last`` continues exactly as the uninterrupted run would. Under ``torchrun`` the module is
-wrapped in DistributedDataParallel and every rank reads its own shards.
+in ``metrics.jsonl``. Losses are summed on the device and read back only every
+``log_every`` steps and at the end of an epoch. Data order depends only on (seed, epoch),
+so a run resumed from ``last`` continues exactly as the uninterrupted run would. Under
+``torchrun`` (inside :func:`invcache.distributed.process_group`) the module is wrapped in
+DistributedDataParallel and every rank reads its share of the cache.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from invcache import taps as T
-from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
-from invcache.data.preprocess import unit_images
 from invcache.distributed import barrier, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
-from invcache.inverse import LEARNING_RATES, build_inverse, inverse_loss, make_spec, run_inverse
+from invcache.inverse import LEARNING_RATES, InverseSpec, build_inverse, inverse_loss, make_spec, run_inverse
 from invcache.settings import TrainSettings
 from invcache.train import checkpoint
+from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainProgress:
+    """One report to ``train(progress=...)``: during an epoch every ``log_every`` steps, and once at its end."""
+
+    epoch: int  # 1-based, the epoch in progress
+    epochs: int  # the run's total
+    first_epoch: int  # 1-based epoch this invocation started at (> 1 on resume)
+    step: int  # steps done in this epoch
+    steps: int  # steps in this epoch
+    samples_per_s: float
+    train_loss: float | None  # running mean over this epoch so far
+    val_loss: float | None = None  # only on the report that ends an epoch
+    epoch_done: bool = False
 
 
 @dataclass
@@ -44,158 +68,215 @@ class TrainResult:
     module: torch.nn.Module
 
 
-def train(settings: TrainSettings, progress: Callable[[str, int, int, float], None] | None = None) -> TrainResult:
-    """Train (or resume) one module; ``progress(stage, done, total, loss)`` reports steps and validation."""
+@dataclass
+class TrainRun:
+    """Everything :func:`prepare` resolves: caches, module, optimizer, and where the run stands."""
+
+    settings: TrainSettings
+    spec: InverseSpec
+    location: str
+    val_location: str | None
+    fingerprint: dict
+    device: torch.device
+    amp: torch.dtype | None
+    rank: int
+    world: int
+    out: Path
+    lr: float
+    module: torch.nn.Module
+    trainee: torch.nn.Module  # the module, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0
+    step: int = 0
+    best: float = math.inf
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def taps(self) -> list[str]:
+        return [*self.spec.inputs, self.spec.target]
+
+
+def train(settings: TrainSettings, progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
+    """Train (or resume) one module; under torchrun call it inside :func:`invcache.distributed.process_group`."""
+    run = prepare(settings)
+    for epoch in range(run.start_epoch, settings.epochs):
+        started = time.perf_counter()
+        train_loss = train_epoch(run, epoch, progress)
+        val_loss = evaluate(run.spec, run.module, run.val_location, settings, run.device, run.amp, run.rank,
+                            run.world) if run.val_location else train_loss
+        record = {"epoch": epoch + 1, "step": run.step, "train_loss": train_loss, "val_loss": val_loss,
+                  "lr": run.lr, "seconds": round(time.perf_counter() - started, 3)}
+        save_epoch(run, record)
+        if progress:
+            progress(TrainProgress(epoch + 1, settings.epochs, run.start_epoch + 1, 0, 0, 0.0, train_loss,
+                                   val_loss, epoch_done=True))
+    return TrainResult(run.out, settings.epochs, run.step, run.best, run.history, run.module)
+
+
+def prepare(settings: TrainSettings) -> TrainRun:
+    """Check the caches, build the module and its optimizer, and restore ``last`` when resuming."""
     if settings.epochs < 1 or settings.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
     rank, world = rank_and_world()
     device = resolve_device(settings.device, rank)
-    amp = resolve_amp(settings.amp, device)
-
-    location = settings.cache_location()
+    location = settings.cache or str(Workspace.at(settings.workspace).cache(TRAIN_SPLIT))
     if not Cache.exists(location):
-        raise UsageError(f"no cache at {location}; run `invcache extract --split train2017 --layers all` first "
+        raise UsageError(f"no cache at {location}; run `invcache extract --split {TRAIN_SPLIT} --layers all` first "
                          "(or pass --cache)")
-    cache = Cache.open(location)
-    attrs = cache.attrs
+    attrs = Cache.open(location).attrs
     spec = make_spec(settings.name, attrs, from_tap=settings.from_tap, width=settings.width,
                      class_input=settings.class_input)
-    taps = [*spec.inputs, spec.target]
-    stored = set(cache.taps) | {T.DECODER_INPUT}
-    missing = [t for t in taps if t not in stored]
-    if missing:
-        raise UsageError(f"{location} lacks the taps {', '.join(missing)} that {spec.name} needs; "
-                         f"extract them with --layers")
-    complete = cache.complete_shards()
+    _check_taps(Cache.open(location), spec, f"the training cache {location}")
+    complete = Cache.open(location).complete_shards()
     if not complete.any():
         raise UsageError(f"{location} has no complete shard yet; finish its extraction first")
     if not complete.all():
-        print(f"warning: {location} is partly extracted ({int(complete.sum())} of {len(complete)} shards); "
-              "training on the complete ones", file=sys.stderr)
+        log.warning(f"{location} is partly extracted ({int(complete.sum())} of {len(complete)} shards); "
+                    "training on the complete ones")
     fingerprint = checkpoint.cache_fingerprint(attrs)
-    val_location = settings.val_location()
+    val_location = _validation_cache(settings)
     if val_location:
         val_cache = Cache.open(val_location)
         checkpoint.check_compatible(fingerprint, val_cache.attrs, f"the training cache {location}",
                                     f"the validation cache {val_location}")
-        missing = [t for t in taps if t not in set(val_cache.taps) | {T.DECODER_INPUT}]
-        if missing:
-            raise UsageError(f"the validation cache {val_location} lacks the taps {', '.join(missing)}")
+        _check_taps(val_cache, spec, f"the validation cache {val_location}")
 
-    out = settings.out_dir()
     lr = settings.lr or LEARNING_RATES[spec.name]
     torch.manual_seed(settings.seed)
     module = build_inverse(spec).to(device)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    start_epoch, step, best, history, mean_image, scaler_state = 0, 0, math.inf, [], None, None
-    if (out / "last.json").exists():
+    amp = resolve_amp(settings.amp, device)
+    run = TrainRun(
+        settings, spec, location, val_location, fingerprint, device, amp, rank, world, Path(settings.out_dir()), lr,
+        module, module, torch.optim.Adam(module.parameters(), lr=lr),
+        torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+    )
+    if (run.out / "last.json").exists():
         if not settings.resume:
-            raise InvcacheError(f"{out} already holds a training run; pass --resume to continue it or --out elsewhere")
-        saved, meta, tensors = checkpoint.load(out, "last")
-        if meta["spec"] != spec.to_dict():
-            raise InvcacheError(f"{out} holds {meta['spec']}, not {spec.to_dict()}; choose another --out")
-        checkpoint.check_compatible(meta["cache"], attrs, f"the run in {out}", f"the cache {location}")
-        module.load_state_dict(saved.state_dict())
-        checkpoint.load_optimizer_state(optimizer, meta, tensors)
-        start_epoch, step, best, history = meta["epoch"], meta["step"], meta["best_val_loss"], meta["history"]
-        mean_image = tensors.get("extra.mean_image")
-        scaler_state = meta.get("grad_scaler")
-    trainee = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    if scaler_state:
-        scaler.load_state_dict(scaler_state)
+            raise InvcacheError(f"{run.out} already holds a training run; pass --resume to continue it or --out "
+                                "elsewhere")
+        _restore(run, attrs)
+    if world > 1:
+        run.trainee = torch.nn.parallel.DistributedDataParallel(module)
+    return run
 
-    meta_base = {
-        "spec": spec.to_dict(), "cache": fingerprint, "train_cache": location, "val_cache": val_location,
-        "settings": {**asdict(settings), "lr": lr, "world_size": world},
-    }
-    for epoch in range(start_epoch, settings.epochs):
-        started = time.perf_counter()
-        samples = CacheSamples(location, taps, seed=settings.seed, epoch=epoch, buffer_size=settings.buffer_size,
-                               rank=rank, world=world)
-        loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                                             drop_last=world > 1)
-        batches = len(samples) / settings.batch_size
-        total_steps = int(batches) if world > 1 else math.ceil(batches)
-        image_sum, image_count = 0.0, 0
-        trainee.train()
-        losses = []
-        for done, batch in enumerate(loader, start=1):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in taps}
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                prediction = run_inverse(spec, trainee, batch)
-            loss = inverse_loss(spec, prediction, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            losses.append(loss.item())
-            if mean_image is None and spec.target == T.INPUT:
-                image_sum = image_sum + unit_images(batch[T.INPUT]).sum(0)
-                image_count += len(batch[T.INPUT])
-            if progress:
-                progress("train", done, total_steps, losses[-1])
-        train_loss = _mean_across_ranks(sum(losses), len(losses), device, world)
-        if mean_image is None and spec.target == T.INPUT:
-            mean_image = _image_mean(image_sum, image_count, device, world)
-        val_loss = evaluate(spec, module, val_location, settings, device, amp, rank, world) if val_location \
-            else train_loss
-        if progress:
-            progress("val", 1, 1, val_loss)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                  "seconds": round(time.perf_counter() - started, 3)}
-        history.append(record)
-        if rank == 0:
-            extra = {"mean_image": mean_image} if mean_image is not None else None
-            improved = val_loss < best
-            best = min(best, val_loss)
-            meta = {**meta_base, "epoch": epoch + 1, "step": step, "best_val_loss": best, "history": history,
-                    "grad_scaler": scaler.state_dict()}
-            if improved:
-                checkpoint.save(out, "best", module, meta, extra=extra)
-            checkpoint.save(out, "last", module, meta, optimizer=optimizer, extra=extra)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        barrier(world)
 
-    return TrainResult(out, settings.epochs, step, best, history, module)
+def train_step(spec: InverseSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step on a batch already on the device; returns the loss, detached, still on the device."""
+    device_type = next(iter(batch.values())).device.type
+    with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+        prediction = run_inverse(spec, model, batch)
+    loss = inverse_loss(spec, prediction, batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def train_epoch(run: TrainRun, epoch: int, progress: Callable[[TrainProgress], None] | None = None) -> float:
+    """One epoch of steps over this rank's share of the training cache; returns the mean loss across ranks."""
+    settings = run.settings
+    samples = CacheSamples(run.location, run.taps, seed=settings.seed, epoch=epoch,
+                           buffer_size=settings.buffer_size, rank=run.rank, world=run.world)
+    loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
+                                         drop_last=run.world > 1)
+    steps = samples.batches(settings.batch_size, settings.num_workers, drop_last=run.world > 1)
+    run.trainee.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    seen, started = 0, time.perf_counter()
+    for done, batch in enumerate(loader, start=1):
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if k in run.taps}
+        loss = train_step(run.spec, run.trainee, run.optimizer, run.scaler, batch, run.amp)
+        size = len(batch[run.spec.target])
+        loss_sum += loss.double() * size
+        seen += size
+        run.step += 1
+        if progress and (done % settings.log_every == 0 or done == steps):
+            progress(TrainProgress(epoch + 1, settings.epochs, run.start_epoch + 1, done, steps,
+                                   seen / (time.perf_counter() - started), loss_sum.item() / seen))
+    return _mean_across_ranks(loss_sum, seen, run.device, run.world)
 
 
 @torch.no_grad()
-def evaluate(spec, module, location: str, settings: TrainSettings, device: torch.device, amp, rank: int = 0,
-             world: int = 1) -> float:
-    """Mean loss per image over every valid image of a cache (each rank takes its share of the shards)."""
+def evaluate(spec: InverseSpec, module: torch.nn.Module, location: str, settings: TrainSettings,
+             device: torch.device, amp: torch.dtype | None, rank: int = 0, world: int = 1) -> float:
+    """Mean loss per image over every valid image of a cache (each rank takes its share, no padding)."""
     samples = CacheSamples(location, [*spec.inputs, spec.target], shuffle=False, rank=rank, world=world,
                            equal_shares=False)
     loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers)
     was_training = module.training
     module.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items() if k != S.IMAGE_ID}
+        batch = {k: v.to(device) for k, v in batch.items() if k in spec.inputs or k == spec.target}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             prediction = run_inverse(spec, module, batch)
-        size = len(prediction)
-        total += inverse_loss(spec, prediction, batch).item() * size
-        count += size
+        total += inverse_loss(spec, prediction, batch).double() * len(prediction)
+        count += len(prediction)
     module.train(was_training)
     return _mean_across_ranks(total, count, device, world)
 
 
-def _mean_across_ranks(total: float, count: int, device: torch.device, world: int) -> float:
+def save_epoch(run: TrainRun, record: dict) -> None:
+    """Append the epoch to the history; rank 0 writes ``last`` (and ``best`` if improved) and ``metrics.jsonl``."""
+    run.history.append(record)
+    improved = record["val_loss"] < run.best
+    run.best = min(run.best, record["val_loss"])
+    if run.rank == 0:
+        meta = {
+            "spec": run.spec.to_dict(), "cache": run.fingerprint, "train_cache": run.location,
+            "val_cache": run.val_location, "settings": {**_jsonable(asdict(run.settings)), "lr": run.lr,
+                                                         "world_size": run.world},
+            "epoch": record["epoch"], "step": run.step, "best_val_loss": run.best, "history": run.history,
+            "grad_scaler": run.scaler.state_dict(),
+        }
+        if improved:
+            checkpoint.save(run.out, "best", run.module, meta)
+        checkpoint.save(run.out, "last", run.module, meta, optimizer=run.optimizer)
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    barrier(run.world)
+
+
+def _validation_cache(settings: TrainSettings) -> str | None:
+    """``--val-cache``, else the workspace's validation split when training on the workspace's training split."""
+    if settings.val_cache:
+        return settings.val_cache
+    default = Workspace.at(settings.workspace).cache(VAL_SPLIT)
+    return str(default) if settings.cache is None and Cache.exists(default) else None
+
+
+def _check_taps(cache: Cache, spec: InverseSpec, what: str) -> None:
+    missing = [t for t in [*spec.inputs, spec.target] if t not in {*cache.taps, T.DECODER_INPUT}]
+    if missing:
+        raise UsageError(f"{what} lacks the taps {', '.join(missing)} that {spec.name} needs; extract them with "
+                         "--layers")
+
+
+def _restore(run: TrainRun, attrs: dict) -> None:
+    saved, meta, tensors = checkpoint.load(run.out, "last")
+    if meta["spec"] != run.spec.to_dict():
+        raise InvcacheError(f"{run.out} holds {meta['spec']}, not {run.spec.to_dict()}; choose another --out")
+    checkpoint.check_compatible(meta["cache"], attrs, f"the run in {run.out}", f"the cache {run.location}")
+    run.module.load_state_dict(saved.state_dict())
+    checkpoint.load_optimizer_state(run.optimizer, meta, tensors)
+    run.start_epoch, run.step, run.best, run.history = meta["epoch"], meta["step"], meta["best_val_loss"], \
+        meta["history"]
+    if meta.get("grad_scaler"):
+        run.scaler.load_state_dict(meta["grad_scaler"])
+
+
+def _mean_across_ranks(total: torch.Tensor, count: int, device: torch.device, world: int) -> float:
+    values = torch.stack([total.to(device, torch.float64), torch.tensor(float(count), device=device,
+                                                                           dtype=torch.float64)])
     if world > 1:
-        values = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(values)
-        total, count = values.tolist()
-    return total / max(count, 1)
+    total_value, count_value = values.tolist()
+    return total_value / max(count_value, 1.0)
 
 
-def _image_mean(image_sum: torch.Tensor, count: int, device: torch.device, world: int) -> torch.Tensor:
-    if world > 1:
-        image_sum = image_sum.to(device)
-        counts = torch.tensor([count], dtype=torch.float64, device=device)
-        dist.all_reduce(image_sum)
-        dist.all_reduce(counts)
-        count = int(counts.item())
-    return (image_sum / max(count, 1)).cpu()
+def _jsonable(settings: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}

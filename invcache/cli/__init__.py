@@ -1,29 +1,39 @@
-"""The ``invcache`` command: a thin click layer over the Python API."""
+"""The ``invcache`` command: a thin click layer over the Python API.
+
+Nothing heavy is imported at module level (torch, zarr, the data readers load inside the
+commands), so ``invcache --help`` answers at once.
+"""
 
 from __future__ import annotations
 
-import os
+import json
 import sys
-import time
 from pathlib import Path
 
 import click
-import torch
 from rich.console import Console
-from rich.table import Table
 
+from invcache.cli.options import (
+    amp_option,
+    coco_root_option,
+    device_option,
+    dist_timeout_option,
+    model_option,
+    root_option,
+    size_option,
+    source_option,
+    synthetic_images_option,
+    wds_option,
+    weights_option,
+)
 from invcache.errors import InvcacheError, UsageError
+from invcache.settings import ExtractSettings, TrainSettings, default
+from invcache.workspace import VAL_SPLIT
 
 console = Console(soft_wrap=True)
 
 
-def _size(ctx, param, value):
-    from invcache.data import parse_size
-
-    return parse_size(value) if isinstance(value, str) else value
-
-
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="invcache")
 def cli() -> None:
     """Feature inversion of DETR from a cache of its intermediate tensors."""
@@ -32,7 +42,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="COCO root to write (<out>/<split>/, <out>/annotations/).")
-@click.option("--split", default="val2017", show_default=True)
+@click.option("--split", default=VAL_SPLIT, show_default=True)
 @click.option("--images", "num_images", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fault", "faults", multiple=True,
@@ -50,38 +60,42 @@ def synthetic(out: Path, split: str, num_images: int, seed: int, faults: tuple[s
 
 
 @cli.command("to-wds")
-@click.option("--coco-root", type=click.Path(path_type=Path), envvar="COCO_ROOT", default="./data/coco",
-              show_default=True)
+@coco_root_option
 @click.option("--split", required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--images-per-shard", type=click.IntRange(1), default=1000, show_default=True)
 def to_wds(coco_root: Path, split: str, out: Path, images_per_shard: int) -> None:
-    """Convert a COCO split to webdataset tar shards (.jpg + .json per image)."""
-    from invcache.data import coco_to_wds
+    """Convert a COCO split to webdataset tar shards (.jpg + .json per image); print the --wds pattern."""
+    from invcache.data import coco_to_wds, shard_pattern
 
     shards = coco_to_wds(coco_root, split, out, images_per_shard)
-    console.print(f"wrote {len(shards)} shard(s) to {out}")
+    print(f"wrote {len(shards)} shard(s); read them with --wds:", file=sys.stderr)
+    # stdout holds only the pattern, so that `--wds "$(invcache to-wds …)"` works
+    print(shard_pattern(shards))
 
 
 @cli.command()
-@click.option("--model", "model_name", default="detr-r50", show_default=True)
-@click.option("--weights", default="official", show_default=True,
-              help="official, random[:SEED], or an official/HF checkpoint path.")
-@click.option("--source", type=click.Choice(["coco", "synthetic"]), default="coco", show_default=True)
-@click.option("--wds", "wds_pattern", default=None, help="Read images from webdataset shards instead.")
-@click.option("--coco-root", type=click.Path(path_type=Path), envvar="COCO_ROOT", default="./data/coco",
-              show_default=True)
-@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
-              show_default=True)
-@click.option("--split", default="val2017", show_default=True)
-@click.option("--size", default="480x640", show_default=True, callback=_size, help="Resize to HxW.")
+@model_option
+@weights_option
+@source_option
+@synthetic_images_option
+@wds_option
+@coco_root_option
+@root_option
+@click.option("--split", default=VAL_SPLIT, show_default=True)
+@size_option
 @click.option("--images", "num_images", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--layers", default="all", show_default=True, help="Taps: comma list and globs, or all.")
-@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
-              help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
-def taps(model_name, weights, source, wds_pattern, coco_root, root, split, size, num_images, layers, device, amp):
+@click.option("--layers", default=default(ExtractSettings, "layers"), show_default=True,
+              help="Taps: comma list and globs, or all.")
+@device_option
+@amp_option
+def taps(model_name: str, weights: str, source: str, synthetic_images: int | None, wds_pattern: str | None,
+         coco_root: Path, root: Path, split: str, size: tuple[int, int], num_images: int, layers: str,
+         device: str | None, amp: str | None) -> None:
     """Run DETR on a few images and show each requested tap's shape and statistics."""
+    import torch
+    from rich.table import Table
+
     from invcache.data import WdsImages, open_split
     from invcache.distributed import resolve_device
     from invcache.forward import forward_taps, resolve_amp
@@ -89,10 +103,10 @@ def taps(model_name, weights, source, wds_pattern, coco_root, root, split, size,
 
     selected = get_config(model_name).select_taps(layers)
     if wds_pattern:
-        dataset = WdsImages(wds_pattern, size)
-        samples = [s for _, s in zip(range(num_images), dataset)]
+        samples = [s for _, s in zip(range(num_images), WdsImages(wds_pattern, size))]
     else:
-        dataset = open_split(source, split, coco_root=coco_root, workspace=root, size=size)
+        dataset = open_split(source, split, coco_root=coco_root, workspace=root, size=size,
+                             synthetic_images=synthetic_images)
         samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
     device = resolve_device(device)
     model = build_detr(model_name, weights, device=device)
@@ -108,54 +122,54 @@ def taps(model_name, weights, source, wds_pattern, coco_root, root, split, size,
         table.add_row(tap, str(tuple(tensor.shape[1:])), str(tensor.dtype).removeprefix("torch."),
                       f"{values.mean().item():.4g}", f"{values.std().item():.4g}")
     console.print(table)
-    failed = [s for s in samples if not s["valid"]]
-    for s in failed:
-        console.print(f"[yellow]image {s['image_id']} unreadable: {s['error']}[/yellow]")
-
-
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True),
-        transient=False,
-    )
+    for s in samples:
+        if not s["valid"]:
+            console.print(f"[yellow]image {s['image_id']} unreadable: {s['error']}[/yellow]")
 
 
 @cli.command()
 @click.option("--split", required=True, help="COCO split, e.g. train2017 or val2017.")
-@click.option("--layers", default="all", show_default=True, help="Taps: comma list and globs, or all.")
-@click.option("--source", type=click.Choice(["coco", "synthetic"]), default="coco", show_default=True)
-@click.option("--wds", "wds_pattern", default=None, help="Read the split from webdataset shards (URL pattern).")
-@click.option("--coco-root", type=click.Path(path_type=Path), envvar="COCO_ROOT", default="./data/coco",
+@click.option("--layers", default=default(ExtractSettings, "layers"), show_default=True,
+              help="Taps: comma list and globs, or all.")
+@source_option
+@synthetic_images_option
+@wds_option
+@coco_root_option
+@root_option
+@click.option("--out", type=str, default=default(ExtractSettings, "out"),
+              help="Cache location (path or URL zarr opens) [default: <root>/cache/<split>].")
+@model_option
+@weights_option
+@size_option
+@click.option("--batch-size", type=click.IntRange(1), default=default(ExtractSettings, "batch_size"),
               show_default=True)
-@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
-              show_default=True, help="Workspace; the cache goes to <root>/cache/<split> unless --out.")
-@click.option("--out", type=str, default=None, help="Cache location (path or URL zarr opens).")
-@click.option("--model", "model_name", default="detr-r50", show_default=True)
-@click.option("--weights", default="official", show_default=True)
-@click.option("--size", default="480x640", show_default=True, callback=_size)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--num-workers", type=click.IntRange(0), default=min(8, os.cpu_count() or 1), show_default=True)
-@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
-              help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images (ascending id).")
-@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True, help="Images per shard.")
-@click.option("--keepbits", type=click.IntRange(1, 10), default=None,
+@click.option("--num-workers", type=click.IntRange(0), default=default(ExtractSettings, "num_workers"),
+              show_default=True, help="DataLoader processes decoding and resizing images.")
+@device_option
+@amp_option
+@click.option("--cudnn-benchmark", is_flag=True, default=default(ExtractSettings, "cudnn_benchmark"),
+              help="Let cuDNN autotune its kernels: faster on GPU, but a resumed run may then differ from an "
+                   "uninterrupted one in the last bits.")
+@click.option("--limit", type=click.IntRange(1), default=default(ExtractSettings, "limit"),
+              help="Only the first N images (ascending id).")
+@click.option("--shard-size", type=click.IntRange(1), default=default(ExtractSettings, "shard_size"),
+              show_default=True, help="Images per shard.")
+@click.option("--keepbits", type=click.IntRange(1, 10), default=default(ExtractSettings, "keepbits"),
               help="Lossy: keep N of float16's 10 mantissa bits (BitRound).")
-@click.option("--writers", type=click.IntRange(1), default=max(2, min(8, (os.cpu_count() or 1) // 4)),
-              show_default=True, help="Shard writer threads (and as many compression threads).")
+@click.option("--writers", type=click.IntRange(1), default=default(ExtractSettings, "writers"), show_default=True,
+              help="Shard writer threads (and as many compression threads).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with other settings.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--force", is_flag=True, help="Start even if the disk estimate exceeds the free space.")
-@click.option("--synthetic-images", type=click.IntRange(1), default=None,
-              help="Size of a generated synthetic split [default: 64 train2017, 16 val2017].")
-def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name, weights, size, batch_size,
-            num_workers, device, amp, limit, shard_size, keepbits, writers, overwrite, strict, force, synthetic_images):
-    """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable)."""
-    from invcache.extract import ExtractSettings
+@dist_timeout_option
+def extract(split: str, layers: str, source: str, synthetic_images: int | None, wds_pattern: str | None,
+            coco_root: Path, root: Path, out: str | None, model_name: str, weights: str, size: tuple[int, int],
+            batch_size: int, num_workers: int, device: str | None, amp: str | None, cudnn_benchmark: bool,
+            limit: int | None, shard_size: int, keepbits: int | None, writers: int, overwrite: bool, strict: bool,
+            force: bool, dist_timeout: float) -> None:
+    """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable; torchrun shares it out)."""
+    from invcache.cli.display import ExtractBar
+    from invcache.distributed import process_group
     from invcache.extract import extract as run_extract
 
     settings = ExtractSettings(
@@ -163,29 +177,12 @@ def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name
         model=model_name, weights=weights, size=size, batch_size=batch_size, num_workers=num_workers,
         device=device, amp=amp, limit=limit, shard_size=shard_size, keepbits=keepbits, overwrite=overwrite,
         strict=strict, force=force, writers=writers, synthetic_images=synthetic_images,
+        cudnn_benchmark=cudnn_benchmark,
     )
-    show = int(os.environ.get("RANK", "0")) == 0
-    bar = _progress_bar()
-    state = {"task": None, "started": 0.0, "done": 0, "written": 0}
-
-    def plan(total: int) -> None:
-        # The bar starts once the settings are checked, so a rejected run prints only its error.
-        if show:
-            bar.start()
-        state.update(task=bar.add_task(f"extract {split}", total=total, rate=""), started=time.perf_counter())
-
-    def advance(images: int, raw_bytes: int) -> None:
-        state["done"] += images
-        state["written"] += raw_bytes
-        elapsed = max(time.perf_counter() - state["started"], 1e-9)
-        bar.update(state["task"], advance=images,
-                   rate=f"{state['done'] / elapsed:.1f} img/s  {state['written'] / elapsed / 1e6:.1f} MB/s")
-
-    try:
-        result = run_extract(settings, progress=advance, on_plan=plan)
-    finally:
-        bar.stop()
-    if show:
+    with process_group(dist_timeout) as (rank, _world), ExtractBar(f"extract {split}") as bar:
+        callbacks = {"progress": bar.advance, "on_plan": bar.plan} if rank == 0 else {}
+        result = run_extract(settings, **callbacks)
+    if rank == 0:
         console.print(
             f"{result.cache}: {result.images} images, {result.shards_written} shard(s) written, "
             f"{result.shards_skipped} already complete, {len(result.failures)} failure(s), "
@@ -199,13 +196,33 @@ def extract(split, layers, source, wds_pattern, coco_root, root, out, model_name
         raise InvcacheError(f"{len(result.failures)} image(s) failed and --strict is set")
 
 
+def _cache_path(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A cache argument that names nothing is a wrong command-line value (exit 2), not a failed read."""
+    from invcache.cache.store import Cache
+
+    try:
+        found = Cache.probe(value)
+    except NotADirectoryError:
+        raise click.BadParameter(f"{value} is a file, not a cache", ctx, param) from None
+    if found == "absent":
+        raise click.BadParameter(f"no cache at {value}", ctx, param)
+    return value
+
+
 @cli.command()
-@click.argument("cache_path")
-def info(cache_path):
+@click.argument("cache_path", callback=_cache_path)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (machine-readable).")
+def info(cache_path: str, as_json: bool) -> None:
     """Show a cache's taps, shapes, codec, sizes, shard progress, failures and provenance."""
+    from rich.table import Table
+
     from invcache.cache.inspect import cache_info
 
     summary = cache_info(cache_path)
+    if as_json:
+        # numpy scalars and arrays in the attributes serialize through .tolist(); anything else as its text
+        print(json.dumps(summary, indent=2, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+        return
     table = Table(title=f"{cache_path}")
     for column in ("array", "shape", "dtype", "stored", "raw", "ratio"):
         table.add_column(column, justify="left" if column == "array" else "right")
@@ -236,8 +253,8 @@ def info(cache_path):
 
 
 @cli.command()
-@click.argument("cache_path")
-def verify(cache_path):
+@click.argument("cache_path", callback=_cache_path)
+def verify(cache_path: str) -> None:
     """Read every chunk; name each array and shard that fails its checksum (exit 1 if any)."""
     from invcache.cache.inspect import verify_cache
 
@@ -251,58 +268,46 @@ def verify(cache_path):
 
 @cli.command("train")
 @click.argument("name", type=click.Choice(["backbone-inv", "encoder-inv", "decoder-inv", "head-inv"]))
-@click.option("--cache", default=None, help="Training cache [default: <root>/cache/train2017].")
-@click.option("--val-cache", default=None, help="Validation cache [default: <root>/cache/val2017 if present].")
-@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
+@click.option("--cache", default=default(TrainSettings, "cache"),
+              help="Training cache [default: <root>/cache/train2017].")
+@click.option("--val-cache", default=default(TrainSettings, "val_cache"),
+              help="Validation cache [default: <root>/cache/val2017 if present].")
+@root_option
+@click.option("--from", "source", default=default(TrainSettings, "from_tap"),
+              help="Train from another tap (a per-layer inverse), e.g. enc.3.")
+@click.option("--epochs", type=click.IntRange(1), default=default(TrainSettings, "epochs"), show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=default(TrainSettings, "batch_size"),
               show_default=True)
-@click.option("--from", "source", default=None, help="Train from another tap (a per-layer inverse), e.g. enc.3.")
-@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--lr", type=float, default=None, help="[default: the module's: B⁻¹ 3e-3, E⁻¹ 1e-3, D⁻¹ 1e-4, P⁻¹ 1e-3]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
-              help="Autocast dtype [default: bf16 on CUDA, off elsewhere].")
-@click.option("--out", default=None, help="Checkpoint folder [default: <root>/modules/NAME].")
+@click.option("--lr", type=float, default=default(TrainSettings, "lr"),
+              help="[default: the module's: B⁻¹ 3e-3, E⁻¹ 1e-3, D⁻¹ 1e-4, P⁻¹ 1e-3]")
+@amp_option
+@click.option("--out", default=default(TrainSettings, "out"), help="Checkpoint folder [default: <root>/modules/NAME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-workers", type=click.IntRange(0), default=2, show_default=True)
-@click.option("--width", type=click.Choice(["full", "small"]), default="full", show_default=True,
-              help="B⁻¹ width: the authors' (~79M parameters) or 1/8 of it for CPUs.")
-@click.option("--class-input", type=click.Choice(["onehot", "scores"]), default="onehot", show_default=True,
-              help="P⁻¹ class input: one-hot argmax (the paper's) or softmax scores.")
-@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
-def train_command(name, cache, val_cache, root, source, epochs, batch_size, lr, amp, out, resume, seed, num_workers,
-                  width, class_input, device):
-    """Train an inverse module from the cache alone (DETR is never run)."""
-    from invcache.train import TrainSettings, train
+@click.option("--seed", type=int, default=default(TrainSettings, "seed"), show_default=True)
+@click.option("--num-workers", type=click.IntRange(0), default=default(TrainSettings, "num_workers"),
+              show_default=True)
+@click.option("--width", type=click.Choice(["full", "small"]), default=default(TrainSettings, "width"),
+              show_default=True, help="B⁻¹ width: the authors' (~79M parameters) or 1/8 of it for CPUs.")
+@click.option("--class-input", type=click.Choice(["onehot", "scores"]), default=default(TrainSettings, "class_input"),
+              show_default=True, help="P⁻¹ class input: one-hot argmax (the paper's) or softmax scores.")
+@device_option
+@dist_timeout_option
+def train_command(name: str, cache: str | None, val_cache: str | None, root: Path, source: str | None, epochs: int,
+                  batch_size: int, lr: float | None, amp: str | None, out: str | None, resume: bool, seed: int,
+                  num_workers: int, width: str, class_input: str, device: str | None, dist_timeout: float) -> None:
+    """Train an inverse module from the cache alone (DETR is never run; torchrun trains data-parallel)."""
+    from invcache.cli.display import TrainDisplay
+    from invcache.distributed import process_group
+    from invcache.train import train
 
     settings = TrainSettings(
         name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=source, epochs=epochs,
         batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, num_workers=num_workers,
         width=width, class_input=class_input, device=device,
     )
-    show = int(os.environ.get("RANK", "0")) == 0
-    bar = _progress_bar()
-    state = {"task": None, "epoch": 0}
-
-    def report(stage: str, done: int, total: int, loss: float) -> None:
-        if stage == "val":
-            state["epoch"] += 1
-            if show:
-                bar.console.print(f"epoch {state['epoch']}: validation loss {loss:.5f}")
-            return
-        if state["task"] is None:
-            if show:
-                bar.start()
-            state["task"] = bar.add_task(f"train {name}", total=total, rate="")
-        if done == 1:
-            bar.reset(state["task"], total=total)
-        bar.update(state["task"], completed=done, rate=f"loss {loss:.4f}")
-
-    try:
-        result = train(settings, progress=report)
-    finally:
-        bar.stop()
-    if show:
+    with process_group(dist_timeout) as (rank, _world), TrainDisplay() as display:
+        result = train(settings, progress=display if rank == 0 else None)
+    if rank == 0:
         console.print(f"{name}: {result.steps} steps, best validation loss {result.best_val_loss:.5f}; "
                       f"checkpoints in {result.out}")
 
@@ -312,23 +317,27 @@ def train_command(name, cache, val_cache, root, source, epochs, batch_size, lr, 
               help="backbone, encoder, decoder, head (comma list) or all.")
 @click.option("--cache", default=None, help="Cache to reconstruct from [default: <root>/cache/val2017].")
 @click.option("--modules", default=None, help="Folder with backbone-inv/ … head-inv/ [default: <root>/modules].")
-@click.option("--root", type=click.Path(path_type=Path), envvar="INVCACHE_ROOT", default="./invcache-runs",
-              show_default=True)
+@root_option
 @click.option("--ids", default=None, help="Comma list of COCO image ids.")
 @click.option("--n", "count", type=click.IntRange(1), default=8, show_default=True,
               help="Otherwise the first N valid images.")
 @click.option("--out", default=None, help="[default: <root>/analysis/reconstruct]")
-@click.option("--device", default=None, help="[default: cuda if available, else cpu]")
-def reconstruct_command(stages, cache, modules, root, ids, count, out, device):
+@device_option
+def reconstruct_command(stages: str, cache: str | None, modules: str | None, root: Path, ids: str | None,
+                        count: int, out: str | None, device: str | None) -> None:
     """Reconstruct images from each stage's cached embedding; PNG grid and per-image MSE."""
+    from rich.table import Table
+
     from invcache.reconstruct import parse_stages, reconstruct
+    from invcache.workspace import Workspace
 
     try:
         id_list = [int(i) for i in ids.split(",")] if ids else None
     except ValueError:
         raise UsageError(f"bad --ids {ids!r}: expected a comma list of integers") from None
-    out = Path(out) if out else root / "analysis" / "reconstruct"
-    results = reconstruct(cache or str(root / "cache" / "val2017"), modules or root / "modules", out,
+    workspace = Workspace.at(root)
+    out = Path(out) if out else workspace.analysis("reconstruct")
+    results = reconstruct(cache or str(workspace.cache(VAL_SPLIT)), modules or workspace.modules, out,
                           parse_stages(stages), id_list, count, device)
     table = Table(title=f"reconstruction MSE over {len(results['images'])} image(s)")
     for column in ("stage", "normalized", "pixel [0,1]"):
@@ -370,7 +379,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"invcache: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
-
-
-if __name__ == "__main__":
-    main()

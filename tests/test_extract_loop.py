@@ -1,0 +1,71 @@
+"""The extraction loop's stages alone: rows land in their shards, whole shards come out once, order is checked."""
+
+import numpy as np
+import pytest
+import torch
+
+from invcache.cache import schema as S
+from invcache.cache.store import Cache
+from invcache.errors import InvcacheError
+from invcache.extract.loop import ShardAssembler, ShardWriters
+
+
+def batch(rows, ids, valid=None):
+    n = len(rows)
+    return {
+        "row": torch.as_tensor(rows), "image_id": torch.as_tensor(ids, dtype=torch.int64),
+        "valid": torch.as_tensor(valid if valid is not None else [True] * n),
+        "orig_size": torch.ones((n, 2), dtype=torch.int32), "error": [""] * n,
+    }
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return Cache.create(tmp_path / "c", num_images=7, tap_shapes={"enc.0": (2, 3), "input": (4, 4, 3)}, shard_size=3)
+
+
+def test_rows_arriving_out_of_order_make_each_shard_whole_exactly_once(cache):
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    assembler = ShardAssembler(cache, ids, {"enc.0": (2, 3)})
+    rows_seen = []
+
+    def place(rows, valid=None):
+        values = np.stack([np.full((2, 3), r, np.float16) for r in rows])
+        done = assembler.place(batch(rows, [ids[r] for r in rows], valid), {"enc.0": values})
+        rows_seen.extend(done)
+        return [b.shard for b in done]
+
+    assert place([6, 3]) == [2]                      # the short last shard (row 6) is whole at once
+    assert place([4, 0, 1]) == []
+    assert place([5, 2], valid=[False, True]) == [1, 0]
+    assert not assembler.pending
+    by_shard = {b.shard: b for b in rows_seen}
+    np.testing.assert_array_equal(by_shard[0].taps["enc.0"][:, 0, 0], [0, 1, 2])
+    np.testing.assert_array_equal(by_shard[1].taps["enc.0"][:, 0, 0], [3, 4, 0])  # row 5 invalid: zeros
+    assert list(by_shard[1].meta[S.VALID]) == [True, True, False]
+    assert list(by_shard[1].meta[S.IMAGE_ID]) == [13, 14, 15]
+
+
+def test_a_row_that_is_not_the_expected_image_is_refused(cache):
+    assembler = ShardAssembler(cache, [10, 11, 12, 13, 14, 15, 16], {"enc.0": (2, 3)})
+    with pytest.raises(InvcacheError, match="row 1 is id 99, the cache expects 11"):
+        assembler.place(batch([0, 1], [10, 99]), {"enc.0": np.zeros((2, 2, 3), np.float16)})
+
+
+def test_writers_write_whole_shards_and_sum_the_valid_inputs(cache):
+    rng = np.random.default_rng(0)
+    assembler = ShardAssembler(cache, list(range(7)), {"enc.0": (2, 3), "input": (4, 4, 3)})
+    inputs = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    valid = np.array([True, False, True, True, True, False, True])
+    with ShardWriters(cache, writers=2) as writers:
+        for rows in ([0, 1, 2, 3], [4, 5, 6]):
+            arrays = {"enc.0": np.ones((len(rows), 2, 3), np.float16), "input": inputs[rows]}
+            for buffer in assembler.place(batch(rows, rows, valid[rows].tolist()), arrays):
+                writers.submit(buffer)
+        totals = writers.drain()
+    assert sorted(totals.shards) == [0, 1, 2] and cache.complete_shards().all()
+    assert totals.input_count == valid.sum()
+    np.testing.assert_array_equal(totals.input_sum, inputs[valid].astype(np.uint64).sum(axis=0))
+    stored = cache.array("input")[:]
+    np.testing.assert_array_equal(stored[valid], inputs[valid])
+    assert not stored[~valid].any()
