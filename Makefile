@@ -25,20 +25,10 @@ test: setup
 	$(VENV)/bin/ruff check invcache tests benchmarks pipelines
 	$(PY) -m pytest -q
 
-# The main job on the embedded default: synthetic COCO-format data, detr-tiny with random weights.
-DEMO := $(VENV)/bin/invcache
-DEMO_MODEL := --model detr-tiny --weights random:0 --size 128x160 --shard-size 32 --root $(DEMO_ROOT)
-DEMO_TRAIN := --root $(DEMO_ROOT) --batch-size 32 --resume
-
+# The main job on the embedded default (pipelines/demo.py, built on the public API): synthetic COCO-format
+# data, detr-tiny with random weights, caches → inverse modules → reconstructions. Rerunning resumes.
 demo: setup
-	$(DEMO) extract --source synthetic --split train2017 --layers all --synthetic-images 256 $(DEMO_MODEL)
-	$(DEMO) extract --source synthetic --split val2017 --layers all --synthetic-images 16 $(DEMO_MODEL)
-	$(DEMO) train backbone-inv --width small --epochs 40 $(DEMO_TRAIN)
-	$(DEMO) train encoder-inv --epochs 10 $(DEMO_TRAIN)
-	$(DEMO) train decoder-inv --epochs 10 $(DEMO_TRAIN)
-	$(DEMO) train head-inv --epochs 10 $(DEMO_TRAIN)
-	$(DEMO) reconstruct --stage all --n 8 --root $(DEMO_ROOT)
-	@echo "caches: $(DEMO_ROOT)/cache  modules: $(DEMO_ROOT)/modules  reconstructions: $(DEMO_ROOT)/analysis/reconstruct/grid.png"
+	$(PY) pipelines/demo.py --root $(DEMO_ROOT)
 
 clean:
 	rm -rf $(VENV) invcache-runs

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, synthetic_split  # noqa: E402
 
 from invcache.data import open_split, parse_size  # noqa: E402
-from invcache.extract import ExtractSettings, extract  # noqa: E402
+from invcache.extraction import ExtractSettings, extract  # noqa: E402
 from invcache.forward import forward_taps, resolve_amp  # noqa: E402
 from invcache.models import build_detr  # noqa: E402
 

@@ -20,7 +20,7 @@ from common import report, setup  # noqa: E402
 
 from invcache.cache.store import Cache  # noqa: E402
 from invcache.data import generate_coco, parse_size  # noqa: E402
-from invcache.extract import ExtractSettings, extract  # noqa: E402
+from invcache.extraction import ExtractSettings, extract  # noqa: E402
 
 
 def per_image(location: Path) -> dict[str, float]:

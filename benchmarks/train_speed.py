@@ -23,11 +23,11 @@ from invcache import taps as T  # noqa: E402
 from invcache.cache.reader import CacheSamples  # noqa: E402
 from invcache.cache.store import Cache  # noqa: E402
 from invcache.data import generate_coco, open_split, parse_size  # noqa: E402
-from invcache.extract import ExtractSettings, extract  # noqa: E402
+from invcache.extraction import ExtractSettings, extract  # noqa: E402
 from invcache.forward import forward_taps, resolve_amp  # noqa: E402
 from invcache.inverse import LEARNING_RATES, build_inverse, make_spec  # noqa: E402
 from invcache.models import build_detr  # noqa: E402
-from invcache.train.loop import train_step  # noqa: E402
+from invcache.training.loop import train_step  # noqa: E402
 
 
 def steps_per_second(batches, step, steps: int) -> float:

@@ -5,10 +5,13 @@ The public API (SPEC §9). Names load on first use, so ``import invcache`` (and
 
     import invcache
     model = invcache.build_detr("detr-tiny", "random:0")
-    taps = invcache.forward_taps(model, images, ["enc.0", "head.logits"])
+    taps = invcache.forward_taps(model, images, "enc.*,head.*")      # uint8 (B, H, W, 3) images in
     cache = invcache.open_cache("invcache-runs/cache/val2017")
     modules = invcache.load_modules("invcache-runs/modules")
-    images = invcache.invert(modules, "enc.6", cache["enc.6"].torch[:8])
+    pixels = invcache.invert(modules, {"enc.6": cache["enc.6"].torch[:8]})
+
+``invcache.extract``, ``invcache.train`` and ``invcache.reconstruct`` run what the commands
+of the same names run, from settings dataclasses (``ExtractSettings``, ``TrainSettings``).
 """
 
 from __future__ import annotations
@@ -31,18 +34,25 @@ _EXPORTS = {
     "build_detr": "invcache.models",
     "get_config": "invcache.models",
     "forward_taps": "invcache.forward",
-    "select_taps": "invcache.taps",
     "open_cache": "invcache.cache",
     "Cache": "invcache.cache",
+    "extract": "invcache.extraction",
+    "ExtractResult": "invcache.extraction",
+    "train": "invcache.training",
+    "TrainResult": "invcache.training",
+    "TrainProgress": "invcache.training",
+    "reconstruct": "invcache.analysis.reconstruct",
+    "STAGES": "invcache.chain",
     "load_modules": "invcache.chain",
     "invert": "invcache.chain",
     "chain_for": "invcache.chain",
 }
 
 __all__ = [
-    "CONFIGS", "DETR", "Cache", "DetrConfig", "ExtractSettings", "InvcacheError", "TrainSettings", "UsageError",
-    "WeightsError", "Workspace", "build_detr", "chain_for", "forward_taps", "get_config", "invert",
-    "load_modules", "open_cache", "select_taps",
+    "CONFIGS", "DETR", "STAGES", "Cache", "DetrConfig", "ExtractResult", "ExtractSettings", "InvcacheError",
+    "TrainProgress", "TrainResult", "TrainSettings", "UsageError", "WeightsError", "Workspace", "build_detr",
+    "chain_for", "extract", "forward_taps", "get_config", "invert", "load_modules", "open_cache", "reconstruct",
+    "train",
 ]
 
 

@@ -23,7 +23,7 @@ import torch
 from invcache import taps as T
 from invcache.errors import InvcacheError, UsageError
 from invcache.inverse import NAMES, InverseSpec
-from invcache.train import checkpoint
+from invcache.training import checkpoint
 
 STAGES = ("backbone", "encoder", "decoder", "head")
 STAGE_CHAINS = {

@@ -20,7 +20,7 @@ from invcache.cache.store import Cache, CacheCorruptError
 from invcache.data import CocoFolder, coco_to_wds
 from invcache.data.synthetic import UNREADABLE_FAULTS
 from invcache.errors import InvcacheError
-from invcache.extract import ExtractSettings, extract
+from invcache.extraction import ExtractSettings, extract
 from invcache.forward import forward_taps
 from invcache.models import build_detr
 
@@ -208,7 +208,7 @@ def test_a_lost_shard_file_of_a_complete_shard_is_named(reference, tmp_path):
 def test_disk_estimate_refuses_unless_forced(synthetic_root, tmp_path, monkeypatch, caplog):
     import logging
 
-    import invcache.extract.run as E
+    import invcache.extraction.run as E
 
     caplog.set_level(logging.INFO, logger="invcache")
 
@@ -263,7 +263,7 @@ def test_keepbits_is_lossy_within_its_bound(synthetic_root, reference, tmp_path)
 
 def test_strict_exits_nonzero_after_writing_everything(synthetic_root, tmp_path):
     result = run_cli(*cli_args(synthetic_root, tmp_path / "c", "--strict"))
-    assert result.returncode == 1 and "--strict" in result.stderr
+    assert result.returncode == 1 and "--strict" in result.stderr and "disk estimate" in result.stderr
     assert "truncated" in result.stdout
     assert Cache.open(tmp_path / "c").complete_shards().all()
 

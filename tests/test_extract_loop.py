@@ -7,7 +7,7 @@ import torch
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
 from invcache.errors import InvcacheError
-from invcache.extract.loop import ShardAssembler, ShardWriters
+from invcache.extraction.loop import ShardAssembler, ShardWriters
 
 
 def batch(rows, ids, valid=None):

@@ -15,11 +15,11 @@ def attrs_for(name: str) -> dict:
 
 @pytest.mark.parametrize("config", ["detr-r50", "detr-r50-dc5", "detr-tiny"])
 @pytest.mark.parametrize("name", ["backbone-inv", "encoder-inv", "decoder-inv", "head-inv"])
-def test_modules_map_their_source_shape_to_their_target_shape(config, name):
+def test_modules_map_their_input_shape_to_their_target_shape(config, name):
     cfg = CONFIGS[config]
     spec = make_spec(name, attrs_for(config), width="small")
     module = build_inverse(spec).eval()
-    inputs = [torch.randn(2, *cfg.tap_shape(t, SIZE)) for t in spec.sources]
+    inputs = [torch.randn(2, *cfg.tap_shape(t, SIZE)) for t in spec.inputs]
     target = (3, *SIZE) if spec.target == "input" else cfg.tap_shape(spec.target, SIZE)
     with torch.no_grad():
         assert tuple(module(*inputs).shape) == (2, *target)

@@ -6,7 +6,7 @@ import pytest
 
 from invcache.cache.provenance import pairing_differences, pairing_fingerprint, resume_differences
 from invcache.errors import InvcacheError
-from invcache.train.checkpoint import check_compatible
+from invcache.training.checkpoint import check_compatible
 
 ATTRS = {
     "schema_version": 1,

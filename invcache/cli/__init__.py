@@ -170,7 +170,7 @@ def extract(split: str, layers: str, source: str, synthetic_images: int | None, 
     """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable; torchrun shares it out)."""
     from invcache.cli.display import ExtractBar
     from invcache.distributed import process_group
-    from invcache.extract import extract as run_extract
+    from invcache.extraction import extract as run_extract
 
     settings = ExtractSettings(
         split=split, layers=layers, source=source, wds=wds_pattern, coco_root=coco_root, workspace=root, out=out,
@@ -298,7 +298,7 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
     """Train an inverse module from the cache alone (DETR is never run; torchrun trains data-parallel)."""
     from invcache.cli.display import TrainDisplay
     from invcache.distributed import process_group
-    from invcache.train import train
+    from invcache.training import train
 
     settings = TrainSettings(
         name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=source, epochs=epochs,
@@ -328,7 +328,7 @@ def reconstruct_command(stages: str, cache: str | None, modules: str | None, roo
     """Reconstruct images from each stage's cached embedding; PNG grid and per-image MSE."""
     from rich.table import Table
 
-    from invcache.reconstruct import parse_stages, reconstruct
+    from invcache.analysis.reconstruct import parse_stages, reconstruct
     from invcache.workspace import Workspace
 
     try:
@@ -364,6 +364,7 @@ def _one_line(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr (exit 2 for usage, 1 otherwise), no traceback."""
+    _show_library_log()
     try:
         rc = cli.main(args=argv, prog_name="invcache", standalone_mode=False)
     except click.exceptions.Abort:
@@ -379,3 +380,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"invcache: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _show_library_log() -> None:
+    """The library logs notes (disk estimate, partly extracted caches) to the ``invcache`` logger; show them."""
+    import logging
+
+    logger = logging.getLogger("invcache")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

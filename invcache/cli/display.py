@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 if TYPE_CHECKING:
-    from invcache.train.loop import TrainProgress
+    from invcache.training.loop import TrainProgress
 
 
 class _Display:

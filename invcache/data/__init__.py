@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from invcache.errors import UsageError
 from invcache.settings import DEFAULT_SIZE
-from invcache.workspace import Workspace
+from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
 
 if TYPE_CHECKING:
     from invcache.data.coco import CocoFolder
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SOURCES = ("coco", "synthetic")
 DEFAULT_COCO_ROOT = "./data/coco"
 # The split names the synthetic generator knows, and their sizes; another name needs an explicit size.
-SYNTHETIC_IMAGES = {"train2017": 64, "val2017": 16}
+SYNTHETIC_IMAGES = {TRAIN_SPLIT: 64, VAL_SPLIT: 16}
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -21,6 +21,7 @@ from invcache.cache.provenance import pairing_differences, pairing_fingerprint
 from invcache.errors import InvcacheError
 from invcache.inverse import InverseSpec, build_inverse
 
+
 def cache_fingerprint(cache_attrs: dict) -> dict:
     """What a module records of the cache it was trained on (what every cache it meets must share)."""
     return pairing_fingerprint(cache_attrs)

@@ -2,7 +2,7 @@
 
 DataLoader workers decode and resize; the forward runs under inference mode (and autocast
 on GPU); rows are gathered into whole-shard buffers that a pool of writer threads
-compresses and writes while the next batches run (``invcache.extract.loop``). A shard is
+compresses and writes while the next batches run (``invcache.extraction.loop``). A shard is
 marked complete only after all of its arrays are written, so rerunning the same command
 after a crash skips complete shards, clears and rewrites the rest, and ends with the
 arrays an uninterrupted run writes. Under ``torchrun`` rank r owns shards r, r+K, …;
@@ -32,7 +32,7 @@ from invcache.data import open_split, preprocessing_record
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
-from invcache.extract.loop import ExtractionTotals, loader_batches, run_extraction
+from invcache.extraction.loop import ExtractionTotals, loader_batches, run_extraction
 from invcache.forward import resolve_amp
 from invcache.hashing import bytes_sha256
 from invcache.models import build_detr, get_config

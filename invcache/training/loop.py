@@ -37,7 +37,7 @@ from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.inverse import LEARNING_RATES, InverseSpec, build_inverse, inverse_loss, make_spec, run_inverse
 from invcache.settings import TrainSettings
-from invcache.train import checkpoint
+from invcache.training import checkpoint
 from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
 
 log = logging.getLogger(__name__)

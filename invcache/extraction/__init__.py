@@ -4,6 +4,6 @@
 ``loop`` the batches-in, whole-shards-out loop that overlaps the device, the host and the writers.
 """
 
-from invcache.extract.run import ExtractResult, ExtractSettings, estimate_bytes, extract
+from invcache.extraction.run import ExtractResult, ExtractSettings, estimate_bytes, extract
 
 __all__ = ["ExtractResult", "ExtractSettings", "estimate_bytes", "extract"]

@@ -24,7 +24,7 @@ from invcache.data.preprocess import normalize_unit, unit_images
 from invcache.distributed import resolve_device
 from invcache.errors import InvcacheError, UsageError
 from invcache.inverse import make_spec
-from invcache.train import checkpoint
+from invcache.training import checkpoint
 
 
 def parse_stages(text: str) -> list[str]:
