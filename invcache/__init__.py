@@ -16,7 +16,7 @@ of the same names run, from settings dataclasses (``ExtractSettings``, ``TrainSe
 
 from __future__ import annotations
 
-from importlib import import_module
+from invcache.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -56,13 +56,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'invcache' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -128,7 +128,8 @@ def test_mismatched_caches_and_modules_are_refused(workspace, tmp_path):
     other = make_cache(tmp_path, "val2017", 4, weights="random:5")
     with pytest.raises(InvcacheError, match="weights_sha256"):
         reconstruct(other, modules, tmp_path / "rec", stages=["backbone"])
-    with pytest.raises(InvcacheError, match="weights_sha256"):
+    expected = r"^the training cache \S+ does not belong with the validation cache \S+: they come from another DETR"
+    with pytest.raises(InvcacheError, match=expected + r" or preprocessing \(model.weights_sha256"):
         train(quick(workspace, "head-inv", val_cache=other, tag="mismatch"))
     resized = make_cache(tmp_path / "b", "val2017", 4, size=(96, 128))
     with pytest.raises(InvcacheError, match=r"preprocessing.size: \[128, 160\] -> \[96, 128\]"):

@@ -7,11 +7,11 @@ The constants and :func:`open_split` are defined here; the other names load on f
 from __future__ import annotations
 
 import os
-from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from invcache.errors import UsageError
+from invcache.lazy import lazy_exports
 from invcache.settings import DEFAULT_SIZE
 from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
 
@@ -41,16 +41,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'invcache.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 def default_coco_root() -> Path:
