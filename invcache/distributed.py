@@ -31,6 +31,9 @@ def process_group(timeout_s: float = DIST_TIMEOUT_S) -> Iterator[tuple[int, int]
     created = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            # NCCL's object collectives (rank0_first) run on the current device: make it this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         created = True
     try:

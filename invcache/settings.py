@@ -15,8 +15,10 @@ from invcache.workspace import Workspace
 
 DEFAULT_SIZE = (480, 640)
 DEFAULT_SHARD_SIZE = 256
-# How long a rank waits for the others at a collective before giving up (torchrun runs).
-DIST_TIMEOUT_S = 1800.0
+# How long a rank waits for the others at a collective before giving up (torchrun runs). Ranks
+# legitimately wait long (rank 0 reads every webdataset tar's metadata before the others
+# start); a rank that fails tears its group down, so failures do not wait for this.
+DIST_TIMEOUT_S = 7200.0
 
 
 def _cores() -> int:

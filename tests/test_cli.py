@@ -158,7 +158,7 @@ class Clock:
 def event(**fields):
     from invcache.training.loop import TrainProgress
 
-    base = dict(epoch=2, epochs=3, first_epoch=2, step=0, steps=10, samples_per_s=128.0, train_loss=None)
+    base = dict(epoch=2, epochs=3, step=0, steps=10, samples_per_s=128.0, train_loss=None)
     return TrainProgress(**{**base, **fields})
 
 

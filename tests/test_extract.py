@@ -116,6 +116,34 @@ def test_the_mean_image_is_the_numpy_mean_of_valid_inputs_and_survives_a_resume(
     np.testing.assert_array_equal(Cache.open(copy).mean_image, cache.mean_image)
 
 
+def test_a_rerun_with_nothing_to_do_reads_no_input_back(reference, tmp_path, synthetic_root, monkeypatch):
+    out, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+
+    def refuse(self, shards):
+        raise AssertionError("a finished cache's mean image was recomputed")
+
+    monkeypatch.setattr(Cache, "sum_valid_input", refuse)
+    assert extract(settings_for(synthetic_root, copy)).shards_written == 0
+
+
+@pytest.mark.parametrize("size", [(100, 160), (0, 64), "128x160"])
+def test_the_api_refuses_sizes_the_cli_refuses(synthetic_root, tmp_path, size):
+    from invcache.errors import UsageError
+
+    with pytest.raises(UsageError, match="bad size"):
+        extract(settings_for(synthetic_root, tmp_path / "c", size=size))
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_out_path_that_is_a_file_is_refused_in_one_line(synthetic_root, tmp_path):
+    (tmp_path / "a-file").write_text("keep me")
+    result = run_cli(*cli_args(synthetic_root, tmp_path / "a-file"))
+    assert result.returncode == 1 and "not an invcache cache" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "a-file").read_text() == "keep me"
+
+
 def test_progress_is_reported_per_batch(synthetic_root, tmp_path):
     calls, planned = [], []
     extract(settings_for(synthetic_root, tmp_path / "c"), progress=lambda n, b: calls.append((n, b)),

@@ -63,7 +63,7 @@ def test_writers_write_whole_shards_and_sum_the_valid_inputs(cache):
             for buffer in assembler.place(batch(rows, rows, valid[rows].tolist()), arrays):
                 writers.submit(buffer)
         totals = writers.drain()
-    assert sorted(totals.shards) == [0, 1, 2] and cache.complete_shards().all()
+    assert cache.complete_shards().all()
     assert totals.input_count == valid.sum()
     np.testing.assert_array_equal(totals.input_sum, inputs[valid].astype(np.uint64).sum(axis=0))
     stored = cache.array("input")[:]

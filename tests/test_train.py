@@ -89,7 +89,9 @@ def test_transformer_inverses_learn(workspace, name):
 
 
 def test_save_then_load_gives_identical_outputs(workspace):
+    rng_state = torch.get_rng_state()
     result = train(quick(workspace, "head-inv", epochs=1, tag="save"))
+    assert torch.equal(torch.get_rng_state(), rng_state), "train() must not reseed the caller's RNG"
     loaded, meta, _ = checkpoint.load(result.out, "last")
     logits, boxes = torch.randn(3, 100, 92), torch.rand(3, 100, 4)
     result.module.eval()
@@ -151,6 +153,12 @@ def test_cli_train_without_a_cache_says_what_to_run(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invcache extract --split train2017" in result.stderr
     assert "Traceback" not in result.stderr
+    (tmp_path / "a-file").write_text("not a cache")
+    for flag in ("--cache", "--val-cache"):
+        result = subprocess.run([sys.executable, "-m", "invcache.cli", "train", "head-inv", "--root", str(tmp_path),
+                                 flag, str(tmp_path / "a-file")], capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "no cache at" in lines[0], result.stderr
 
 
 def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(workspace, tmp_path):
@@ -160,7 +168,7 @@ def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(works
         from invcache.distributed import process_group
         from invcache.training import TrainSettings, train
         with process_group():
-            result = train(TrainSettings("encoder-inv", workspace={str(workspace)!r}, epochs=1, batch_size=16,
+            result = train(TrainSettings("encoder-inv", workspace={str(workspace)!r}, epochs=1, batch_size=12,
                                          num_workers=0, out={str(tmp_path / "ddp")!r}))
         torch.save(result.module.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
     """))
@@ -172,6 +180,8 @@ def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(works
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert (tmp_path / "ddp" / "best.safetensors").is_file()
+    # 256 images, 128 per rank in batches of 12: 11 steps, the last one partial (no row is dropped)
+    assert checkpoint.load(tmp_path / "ddp", "last")[1]["step"] == 11
     assert np.isfinite(checkpoint.load(tmp_path / "ddp", "last")[1]["history"][0]["val_loss"])
 
 

@@ -135,3 +135,16 @@ def test_official_download_goes_through_the_hub_cache(tmp_path, monkeypatch):
         server.shutdown()
     assert (tmp_path / "torch" / "hub" / "checkpoints" / name).is_file()
     assert model.fingerprint["weights"] == f"official:{name}"
+
+
+def test_random_weights_do_not_depend_on_the_thread_count():
+    # torchrun runs every rank with one thread; its caches must pair with a single process's
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build_detr("detr-tiny", "random:3").fingerprint["weights_sha256"]
+        torch.set_num_threads(2)
+        two = build_detr("detr-tiny", "random:3").fingerprint["weights_sha256"]
+    finally:
+        torch.set_num_threads(before)
+    assert one == two and torch.get_num_threads() == before

@@ -17,7 +17,7 @@ Dates, software versions and failures are provenance only.
 
 from __future__ import annotations
 
-from invcache.cache.schema import differences
+import json
 
 RESUME_KEYS = ("schema_version", "model", "preprocessing", "perturbation", "source", "taps", "shard_size", "codec",
                "image_ids_sha256")
@@ -54,3 +54,18 @@ def pairing_differences(fingerprint: dict, attrs: dict) -> list[str]:
 
 def _without(record: dict | None, fields: tuple[str, ...]) -> dict | None:
     return None if record is None else {k: v for k, v in record.items() if k not in fields}
+
+
+def differences(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
+    """``key.field: old -> new`` for every recorded setting that differs (compared as JSON)."""
+    diffs = []
+    for key in keys:
+        before, after = json.loads(json.dumps(old.get(key))), json.loads(json.dumps(new.get(key)))
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            diffs += [f"{key}.{sub}: {before.get(sub)!r} -> {after.get(sub)!r}"
+                      for sub in sorted(set(before) | set(after)) if before.get(sub) != after.get(sub)]
+        else:
+            diffs.append(f"{key}: {before!r} -> {after!r}")
+    return diffs

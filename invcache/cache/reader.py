@@ -15,7 +15,7 @@ sequence, then takes its part of it:
 
 A rank's rows are split the same way into contiguous blocks, one per DataLoader worker; ranks
 with the same number of rows give their workers the same numbers, so per-worker batching
-(``drop_last``) drops the same on every rank. Contiguous blocks keep shard locality: a rank
+yields the same number of batches on every rank. Contiguous blocks keep shard locality: a rank
 reads about ``shards / world`` shards. A worker reads every requested tap of each shard it
 needs once, as one block (zarr decodes a whole shard at once; random ``oindex`` reads of
 sharded arrays are very slow), yields the rows it owns, and with ``shuffle=True`` passes them

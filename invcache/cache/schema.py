@@ -18,7 +18,6 @@ Every array carries ``dimension_names`` and a ``description`` attribute (taps al
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -54,25 +53,6 @@ _BOOKKEEPING = {  # name -> (dimension names, description)
     SHARD_COMPLETE: (("shard",), "True once every array of the shard is written"),
     MEAN_IMAGE: (MEAN_IMAGE_DIMENSIONS, "mean of the valid input images, RGB in [0, 1]"),
 }
-
-# Root attributes that must agree for a run to resume an existing cache.
-SETTINGS_KEYS = ("schema_version", "model", "preprocessing", "source", "taps", "shard_size", "codec")
-
-
-def differences(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
-    """``key.field: old -> new`` for every recorded setting that differs (compared as JSON)."""
-    diffs = []
-    for key in keys:
-        before, after = json.loads(json.dumps(old.get(key))), json.loads(json.dumps(new.get(key)))
-        if before == after:
-            continue
-        if isinstance(before, dict) and isinstance(after, dict):
-            diffs += [f"{key}.{sub}: {before.get(sub)!r} -> {after.get(sub)!r}"
-                      for sub in sorted(set(before) | set(after)) if before.get(sub) != after.get(sub)]
-        else:
-            diffs.append(f"{key}: {before!r} -> {after!r}")
-    return diffs
-
 
 def tap_dtype(tap: str) -> np.dtype:
     return np.dtype(np.uint8) if tap == INPUT else np.dtype(FLOAT_DTYPE)

@@ -135,7 +135,11 @@ class Cache:
         """
         location = os.fspath(location)
         local = "://" not in location
-        if local and (not Path(location).exists() or not any(Path(location).iterdir())):
+        if local and not Path(location).exists():
+            return "absent"
+        if local and not Path(location).is_dir():
+            return "foreign"
+        if local and not any(Path(location).iterdir()):
             return "absent"
         try:
             group = zarr.open_group(location, mode="r", zarr_format=3)
@@ -214,9 +218,6 @@ class Cache:
             except KeyError:
                 raise InvcacheError(f"{self.location} holds no {name!r}; its taps: {', '.join(self.taps)}") from None
         return self._arrays[name]
-
-    def settings(self) -> dict:
-        return {k: self.group.attrs.get(k) for k in S.SETTINGS_KEYS}
 
     @property
     def image_ids(self) -> np.ndarray:

@@ -273,7 +273,7 @@ def verify(cache_path: str) -> None:
 @click.option("--val-cache", default=default(TrainSettings, "val_cache"),
               help="Validation cache [default: <root>/cache/val2017 if present].")
 @root_option
-@click.option("--from", "source", default=default(TrainSettings, "from_tap"),
+@click.option("--from", "from_tap", default=default(TrainSettings, "from_tap"),
               help="Train from another tap (a per-layer inverse), e.g. enc.3.")
 @click.option("--epochs", type=click.IntRange(1), default=default(TrainSettings, "epochs"), show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=default(TrainSettings, "batch_size"),
@@ -292,7 +292,7 @@ def verify(cache_path: str) -> None:
               show_default=True, help="P⁻¹ class input: one-hot argmax (the paper's) or softmax scores.")
 @device_option
 @dist_timeout_option
-def train_command(name: str, cache: str | None, val_cache: str | None, root: Path, source: str | None, epochs: int,
+def train_command(name: str, cache: str | None, val_cache: str | None, root: Path, from_tap: str | None, epochs: int,
                   batch_size: int, lr: float | None, amp: str | None, out: str | None, resume: bool, seed: int,
                   num_workers: int, width: str, class_input: str, device: str | None, dist_timeout: float) -> None:
     """Train an inverse module from the cache alone (DETR is never run; torchrun trains data-parallel)."""
@@ -301,7 +301,7 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
     from invcache.training import train
 
     settings = TrainSettings(
-        name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=source, epochs=epochs,
+        name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=from_tap, epochs=epochs,
         batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, num_workers=num_workers,
         width=width, class_input=class_input, device=device,
     )

@@ -27,9 +27,17 @@ def parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("×", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise UsageError(f"bad size {text!r}: expected HxW, e.g. 480x640")
-    h, w = (int(p) for p in parts)
+    return check_size((int(parts[0]), int(parts[1])), text)
+
+
+def check_size(size: tuple[int, int], text: str | None = None) -> tuple[int, int]:
+    """``size`` as (height, width) if both are positive multiples of 32, else a UsageError."""
+    if isinstance(size, str) or len(size) != 2 or not all(isinstance(v, int) for v in size):
+        raise UsageError(f"bad size {size!r}: expected (height, width) integers, e.g. (480, 640)")
+    h, w = size
     if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-        raise UsageError(f"bad size {text!r}: height and width must be positive multiples of {SIZE_MULTIPLE}")
+        shown = text if text is not None else f"{h}x{w}"
+        raise UsageError(f"bad size {shown!r}: height and width must be positive multiples of {SIZE_MULTIPLE}")
     return h, w
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -145,7 +145,6 @@ class ExtractionTotals:
     raw_bytes: int = 0
     input_sum: np.ndarray | None = None
     input_count: int = 0
-    shards: list[int] = field(default_factory=list)
 
 
 class ShardWriters:
@@ -179,18 +178,17 @@ class ShardWriters:
             self._collect(self._in_flight.pop(0))
         return self.totals
 
-    def _write(self, buffer: ShardBuffer) -> tuple[int, int, np.ndarray | None, int]:
+    def _write(self, buffer: ShardBuffer) -> tuple[int, np.ndarray | None, int]:
         written = self.cache.write_shard(buffer.shard, buffer.taps, buffer.meta, self._codec_pool)
         if INPUT not in buffer.taps:
-            return buffer.shard, written, None, 0
+            return written, None, 0
         valid = buffer.meta[S.VALID]
-        return buffer.shard, written, buffer.taps[INPUT][valid].sum(axis=0, dtype=np.uint64), int(valid.sum())
+        return written, buffer.taps[INPUT][valid].sum(axis=0, dtype=np.uint64), int(valid.sum())
 
     def _collect(self, future: Future) -> None:
-        shard, written, input_sum, count = future.result()
+        written, input_sum, count = future.result()
         totals = self.totals
         totals.raw_bytes += written
-        totals.shards.append(shard)
         if input_sum is not None:
             totals.input_sum = input_sum if totals.input_sum is None else totals.input_sum + input_sum
             totals.input_count += count

@@ -29,6 +29,7 @@ from invcache.cache import schema as S
 from invcache.cache.provenance import resume_differences
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
+from invcache.data.preprocess import check_size
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
@@ -97,6 +98,7 @@ def extract(
                         lambda: Cache.open(location, mode="r+"), rank, world)
 
     complete = cache.complete_shards()
+    owned_anywhere = not complete.all()  # the same answer on every rank: whether this run writes anything
     mine = [s for s in range(cache.num_shards) if s % world == rank]
     owned = [s for s in mine if not complete[s]]
     skipped = [s for s in mine if complete[s]]
@@ -112,7 +114,7 @@ def extract(
             cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
             model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
         ) if rows else ExtractionTotals()
-    if INPUT in taps:
+    if INPUT in taps and not (cache.has_mean_image() and not owned_anywhere):
         _store_mean_image(cache, totals, skipped, rank, world, device)
     barrier(world)
     failures = cache.failures()
@@ -157,6 +159,7 @@ def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
 
 
 def _validate(settings: ExtractSettings) -> None:
+    check_size(settings.size)
     if settings.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
     if settings.batch_size < 1:

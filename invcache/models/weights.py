@@ -142,9 +142,16 @@ def randomize(model: DETR, seed: int) -> None:
         for module in model.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 hooks.append(module.register_forward_pre_hook(calibrate))
-        model.backbone[0](_calibration_images(generator))
-        for hook in hooks:
-            hook.remove()
+        # One thread: convolutions split across threads sum in another order, and the statistics
+        # (hence the weights' sha256, which caches record and compare) must not depend on the machine.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model.backbone[0](_calibration_images(generator))
+        finally:
+            torch.set_num_threads(threads)
+            for hook in hooks:
+                hook.remove()
 
 
 def _calibration_images(generator: torch.Generator) -> torch.Tensor:

@@ -49,7 +49,6 @@ class TrainProgress:
 
     epoch: int  # 1-based, the epoch in progress
     epochs: int  # the run's total
-    first_epoch: int  # 1-based epoch this invocation started at (> 1 on resume)
     step: int  # steps done in this epoch
     steps: int  # steps in this epoch
     samples_per_s: float
@@ -109,8 +108,7 @@ def train(settings: TrainSettings, progress: Callable[[TrainProgress], None] | N
                   "lr": run.lr, "seconds": round(time.perf_counter() - started, 3)}
         save_epoch(run, record)
         if progress:
-            progress(TrainProgress(epoch + 1, settings.epochs, run.start_epoch + 1, 0, 0, 0.0, train_loss,
-                                   val_loss, epoch_done=True))
+            progress(TrainProgress(epoch + 1, settings.epochs, 0, 0, 0.0, train_loss, val_loss, epoch_done=True))
     return TrainResult(run.out, settings.epochs, run.step, run.best, run.history, run.module)
 
 
@@ -122,6 +120,8 @@ def prepare(settings: TrainSettings) -> TrainRun:
     device = resolve_device(settings.device, rank)
     location = settings.cache or str(Workspace.at(settings.workspace).cache(TRAIN_SPLIT))
     if not Cache.exists(location):
+        if settings.cache:
+            raise UsageError(f"no cache at {location} (--cache)")
         raise UsageError(f"no cache at {location}; run `invcache extract --split {TRAIN_SPLIT} --layers all` first "
                          "(or pass --cache)")
     attrs = Cache.open(location).attrs
@@ -131,6 +131,8 @@ def prepare(settings: TrainSettings) -> TrainRun:
     complete = Cache.open(location).complete_shards()
     if not complete.any():
         raise UsageError(f"{location} has no complete shard yet; finish its extraction first")
+    if not CacheSamples(location, [spec.target], shuffle=False).total:
+        raise UsageError(f"{location} has no valid image in its complete shards; nothing to train on")
     if not complete.all():
         log.warning(f"{location} is partly extracted ({int(complete.sum())} of {len(complete)} shards); "
                     "training on the complete ones")
@@ -143,8 +145,9 @@ def prepare(settings: TrainSettings) -> TrainRun:
         _check_taps(val_cache, spec, f"the validation cache {val_location}")
 
     lr = settings.lr or LEARNING_RATES[spec.name]
-    torch.manual_seed(settings.seed)
-    module = build_inverse(spec).to(device)
+    with torch.random.fork_rng(devices=[]):  # the seed picks the initial weights without touching the caller's RNG
+        torch.manual_seed(settings.seed)
+        module = build_inverse(spec).to(device)
     amp = resolve_amp(settings.amp, device)
     run = TrainRun(
         settings, spec, location, val_location, fingerprint, device, amp, rank, world, Path(settings.out_dir()), lr,
@@ -180,9 +183,11 @@ def train_epoch(run: TrainRun, epoch: int, progress: Callable[[TrainProgress], N
     settings = run.settings
     samples = CacheSamples(run.location, run.taps, seed=settings.seed, epoch=epoch,
                            buffer_size=settings.buffer_size, rank=run.rank, world=run.world)
+    # No drop_last: every rank's workers hold the same numbers of rows (CacheSamples), so the ranks
+    # take the same number of steps with their partial batches too, and no row is skipped.
     loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                                         drop_last=run.world > 1)
-    steps = samples.batches(settings.batch_size, settings.num_workers, drop_last=run.world > 1)
+                                         generator=_loader_generator(settings.seed, epoch))
+    steps = samples.batches(settings.batch_size, settings.num_workers)
     run.trainee.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     seen, started = 0, time.perf_counter()
@@ -194,8 +199,8 @@ def train_epoch(run: TrainRun, epoch: int, progress: Callable[[TrainProgress], N
         seen += size
         run.step += 1
         if progress and (done % settings.log_every == 0 or done == steps):
-            progress(TrainProgress(epoch + 1, settings.epochs, run.start_epoch + 1, done, steps,
-                                   seen / (time.perf_counter() - started), loss_sum.item() / seen))
+            progress(TrainProgress(epoch + 1, settings.epochs, done, steps, seen / (time.perf_counter() - started),
+                                   loss_sum.item() / seen))
     return _mean_across_ranks(loss_sum, seen, run.device, run.world)
 
 
@@ -205,7 +210,8 @@ def evaluate(spec: InverseSpec, module: torch.nn.Module, location: str, settings
     """Mean loss per image over every valid image of a cache (each rank takes its share, no padding)."""
     samples = CacheSamples(location, [*spec.inputs, spec.target], shuffle=False, rank=rank, world=world,
                            equal_shares=False)
-    loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers)
+    loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
+                                         generator=_loader_generator(settings.seed, -1))
     was_training = module.training
     module.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -244,6 +250,8 @@ def save_epoch(run: TrainRun, record: dict) -> None:
 def _validation_cache(settings: TrainSettings) -> str | None:
     """``--val-cache``, else the workspace's validation split when training on the workspace's training split."""
     if settings.val_cache:
+        if not Cache.exists(settings.val_cache):
+            raise UsageError(f"no cache at {settings.val_cache} (--val-cache)")
         return settings.val_cache
     default = Workspace.at(settings.workspace).cache(VAL_SPLIT)
     return str(default) if settings.cache is None and Cache.exists(default) else None
@@ -269,13 +277,18 @@ def _restore(run: TrainRun, attrs: dict) -> None:
         run.scaler.load_state_dict(meta["grad_scaler"])
 
 
+def _loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """The DataLoader's own generator (it seeds its workers), so loading never draws from the caller's RNG."""
+    return torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def _mean_across_ranks(total: torch.Tensor, count: int, device: torch.device, world: int) -> float:
     values = torch.stack([total.to(device, torch.float64), torch.tensor(float(count), device=device,
                                                                            dtype=torch.float64)])
     if world > 1:
         dist.all_reduce(values)
     total_value, count_value = values.tolist()
-    return total_value / max(count_value, 1.0)
+    return total_value / count_value if count_value else math.nan
 
 
 def _jsonable(settings: dict) -> dict:
