@@ -10,8 +10,9 @@ The public API (SPEC §9). Names load on first use, so ``import invcache`` (and
     modules = invcache.load_modules("invcache-runs/modules")
     pixels = invcache.invert(modules, {"enc.6": cache["enc.6"].torch[:8]})
 
-``invcache.extract``, ``invcache.train`` and ``invcache.reconstruct`` run what the commands
-of the same names run, from settings dataclasses (``ExtractSettings``, ``TrainSettings``).
+``invcache.extract`` and ``invcache.train`` run what the commands of the same names run, from
+settings dataclasses (``ExtractSettings``, ``TrainSettings``); each analysis is
+``invcache.analysis.<name>.run(AnalyzeSettings(...))``, what ``invcache analyze NAME`` runs.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _EXPORTS = {
     "train": "invcache.training",
     "TrainResult": "invcache.training",
     "TrainProgress": "invcache.training",
-    "reconstruct": "invcache.analysis.reconstruct",
+    "AnalyzeSettings": "invcache.settings",
     "STAGES": "invcache.chain",
     "load_modules": "invcache.chain",
     "invert": "invcache.chain",
@@ -51,8 +52,8 @@ _EXPORTS = {
 __all__ = [
     "CONFIGS", "DETR", "STAGES", "Cache", "DetrConfig", "ExtractResult", "ExtractSettings", "InvcacheError",
     "TrainProgress", "TrainResult", "TrainSettings", "UsageError", "WeightsError", "Workspace", "build_detr",
-    "chain_for", "extract", "forward_taps", "get_config", "invert", "load_modules", "open_cache", "reconstruct",
-    "train",
+    "chain_for", "extract", "forward_taps", "get_config", "invert", "load_modules", "open_cache", "train",
+    "AnalyzeSettings",
 ]
 
 

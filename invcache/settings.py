@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from invcache.workspace import Workspace
+from invcache.workspace import VAL_SPLIT, Workspace
 
 DEFAULT_SIZE = (480, 640)
 DEFAULT_SHARD_SIZE = 256
@@ -85,10 +85,35 @@ class TrainSettings:
     log_every: int = 10
 
     def out_dir(self) -> Path:
+        """``--out``, else ``<root>/modules/<name>[-from-<tap>][-scores]`` (variants never share a folder)."""
         if self.out:
             return Path(self.out)
         suffix = f"-from-{self.from_tap}" if self.from_tap else ""
+        suffix += "-scores" if self.class_input == "scores" else ""
         return Workspace.at(self.workspace).module(f"{self.name}{suffix}")
+
+
+@dataclass
+class AnalyzeSettings:
+    """``invcache analyze NAME``: which cache and modules, where results go, how many images the grids show."""
+
+    workspace: str | os.PathLike | None = None
+    cache: str | None = None
+    modules: str | os.PathLike | None = None
+    out: str | os.PathLike | None = None
+    n: int = 8
+    batch_size: int = 32
+    device: str | None = None
+
+    def cache_location(self) -> str:
+        """``--cache``, else the workspace's validation split."""
+        return self.cache or str(Workspace.at(self.workspace).cache(VAL_SPLIT))
+
+    def modules_dir(self) -> Path:
+        return Path(self.modules) if self.modules else Workspace.at(self.workspace).modules
+
+    def out_dir(self, name: str) -> Path:
+        return Path(self.out) if self.out else Workspace.at(self.workspace).analysis(name)
 
 
 def default(settings: type, name: str):

@@ -17,6 +17,7 @@ import argparse
 import time
 
 import invcache
+from invcache.analysis import stages
 
 MODEL = {"model": "detr-tiny", "weights": "random:0", "size": (128, 160), "shard_size": 32}
 # (module, epochs, extra settings): B⁻¹ learns slowest, so it gets the most epochs.
@@ -49,13 +50,12 @@ def run(root: str, *, train_images: int = 256, val_images: int = 16, epochs: int
             **extra))
         print(f"train {name}: {result.epochs} epochs, best validation loss {result.best_val_loss:.4f} "
               f"({time.perf_counter() - started:.1f} s) -> {result.out}")
-    results = invcache.reconstruct(str(workspace.cache("val2017")), workspace.modules,
-                                   workspace.analysis("reconstruct"), count=count)
-    mean = results["mean"]
-    for label in ["baseline", *results["stages"]]:
-        print(f"  {label:>9}: MSE {mean[f'{label}_mse_pixel']:.4f} in [0,1] pixels, "
-              f"{mean[f'{label}_mse_normalized']:.3f} normalized")
-    print(f"reconstructions: {workspace.analysis('reconstruct') / 'grid.png'}")
+    results = stages.run(invcache.AnalyzeSettings(workspace=root, n=count))
+    for label, errors in results["mse"].items():
+        pixel, normalized = errors["pixel"], errors["normalized"]
+        print(f"  {label:>9}: MSE {pixel['mean']:.4f} ± {pixel['ci95']:.4f} in [0,1] pixels, "
+              f"{normalized['mean']:.3f} normalized")
+    print(f"reconstructions: {workspace.analysis(stages.NAME) / 'grid.png'}")
     return results
 
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from invcache.analysis.reconstruct import reconstruct
+from invcache.analysis import stages
 from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
 from invcache.errors import InvcacheError, UsageError
 from invcache.extraction import ExtractSettings, extract
 from invcache.inverse import build_inverse, make_spec
+from invcache.settings import AnalyzeSettings
 from invcache.training import TrainSettings, checkpoint, evaluate, train
 
 SIZE = (128, 160)
@@ -71,9 +72,8 @@ def test_small_backbone_inverse_beats_the_mean_image_on_held_out_images(workspac
     result = train(quick(workspace, "backbone-inv", epochs=25, tag="quality",
                          out=str(workspace / "modules" / "backbone-inv")))
     assert result.steps == 200
-    metrics = reconstruct(str(workspace / "cache" / "val2017"), workspace / "modules", workspace / "rec",
-                          stages=["backbone"], count=16)["mean"]
-    assert metrics["backbone_mse_pixel"] <= 0.8 * metrics["baseline_mse_pixel"], metrics
+    mse = stages.run(AnalyzeSettings(workspace=workspace, out=workspace / "rec", n=4), stages=["backbone"])["mse"]
+    assert mse["backbone"]["pixel"]["mean"] <= 0.8 * mse["baseline"]["pixel"]["mean"], mse
     assert (workspace / "rec" / "grid.png").is_file()
 
 
@@ -126,16 +126,19 @@ def test_train_never_constructs_detr(workspace, monkeypatch):
 def test_mismatched_caches_and_modules_are_refused(workspace, tmp_path):
     modules = tmp_path / "modules"
     train(quick(workspace, "backbone-inv", epochs=1, out=str(modules / "backbone-inv")))
-    reconstruct(str(workspace / "cache" / "val2017"), modules, tmp_path / "rec", stages=["backbone"], count=2)
+    def reconstruct(cache: str) -> dict:
+        return stages.run(AnalyzeSettings(cache=cache, modules=modules, out=tmp_path / "rec", n=2), stages=["backbone"])
+
+    reconstruct(str(workspace / "cache" / "val2017"))
     other = make_cache(tmp_path, "val2017", 4, weights="random:5")
     with pytest.raises(InvcacheError, match="weights_sha256"):
-        reconstruct(other, modules, tmp_path / "rec", stages=["backbone"])
+        reconstruct(other)
     expected = r"^the training cache \S+ does not belong with the validation cache \S+: they come from another DETR"
     with pytest.raises(InvcacheError, match=expected + r" or preprocessing \(model.weights_sha256"):
         train(quick(workspace, "head-inv", val_cache=other, tag="mismatch"))
     resized = make_cache(tmp_path / "b", "val2017", 4, size=(96, 128))
     with pytest.raises(InvcacheError, match=r"preprocessing.size: \[128, 160\] -> \[96, 128\]"):
-        reconstruct(resized, modules, tmp_path / "rec", stages=["backbone"])
+        reconstruct(resized)
 
 
 @pytest.mark.parametrize("name, source, needle", [

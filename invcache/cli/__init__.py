@@ -15,6 +15,7 @@ from rich.console import Console
 
 from invcache.cli.options import (
     amp_option,
+    analysis_options,
     coco_root_option,
     device_option,
     dist_timeout_option,
@@ -27,8 +28,8 @@ from invcache.cli.options import (
     weights_option,
 )
 from invcache.errors import InvcacheError, UsageError
-from invcache.settings import ExtractSettings, TrainSettings, default
-from invcache.workspace import VAL_SPLIT
+from invcache.settings import AnalyzeSettings, ExtractSettings, TrainSettings, default
+from invcache.workspace import DEFAULT_ROOT, ROOT_ENV, VAL_SPLIT
 
 console = Console(soft_wrap=True)
 
@@ -312,42 +313,96 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
                       f"checkpoints in {result.out}")
 
 
-@cli.command("reconstruct")
-@click.option("--stage", "stages", default="all", show_default=True,
-              help="backbone, encoder, decoder, head (comma list) or all.")
-@click.option("--cache", default=None, help="Cache to reconstruct from [default: <root>/cache/val2017].")
-@click.option("--modules", default=None, help="Folder with backbone-inv/ … head-inv/ [default: <root>/modules].")
-@root_option
-@click.option("--ids", default=None, help="Comma list of COCO image ids.")
-@click.option("--n", "count", type=click.IntRange(1), default=8, show_default=True,
-              help="Otherwise the first N valid images.")
-@click.option("--out", default=None, help="[default: <root>/analysis/reconstruct]")
-@device_option
-def reconstruct_command(stages: str, cache: str | None, modules: str | None, root: Path, ids: str | None,
-                        count: int, out: str | None, device: str | None) -> None:
-    """Reconstruct images from each stage's cached embedding; PNG grid and per-image MSE."""
+@cli.group(context_settings={"help_option_names": ["-h", "--help"]})
+def analyze() -> None:
+    """The paper's analyses, read from a cache and trained modules (never DETR); results under <root>/analysis/."""
+
+
+def _analysis_settings(root: Path, cache: str | None, modules: str | None, out: str | None, n: int,
+                       batch_size: int, device: str | None) -> AnalyzeSettings:
+    return AnalyzeSettings(workspace=root, cache=cache, modules=modules, out=out, n=n, batch_size=batch_size,
+                           device=device)
+
+
+def _show(name: str, results: dict, out: Path) -> None:
+    """The analysis' headline figures, and where its files are."""
     from rich.table import Table
 
-    from invcache.analysis.reconstruct import parse_stages, reconstruct
-    from invcache.workspace import Workspace
+    table = Table(title=f"analyze {name}: {results.get('images', '?')} image(s)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for label, value in results.get("headline", {}).items():
+        table.add_row(label, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"results: {out / 'results.json'}")
 
+
+@analyze.command("stages")
+@analysis_options
+@click.option("--stage", "stages", default="all", show_default=True,
+              help="backbone, encoder, decoder, head (comma list) or all.")
+@click.option("--ids", default=None, help="COCO image ids the grid shows (comma list) instead of the first --n.")
+@click.option("--mean-from", default=None,
+              help="Cache whose mean image is the baseline [default: B⁻¹'s training cache].")
+def analyze_stages(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
+                   device: str | None, stages: str, ids: str | None, mean_from: str | None) -> None:
+    """MSE per stage (backbone, encoder, decoder, head) with 95% CIs, bar chart and reconstruction grid."""
+    from invcache.analysis import stages as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    chosen = analysis.STAGES if stages == "all" else [s.strip() for s in stages.split(",") if s.strip()]
     try:
         id_list = [int(i) for i in ids.split(",")] if ids else None
     except ValueError:
         raise UsageError(f"bad --ids {ids!r}: expected a comma list of integers") from None
-    workspace = Workspace.at(root)
-    out = Path(out) if out else workspace.analysis("reconstruct")
-    results = reconstruct(cache or str(workspace.cache(VAL_SPLIT)), modules or workspace.modules, out,
-                          parse_stages(stages), id_list, count, device)
-    table = Table(title=f"reconstruction MSE over {len(results['images'])} image(s)")
-    for column in ("stage", "normalized", "pixel [0,1]"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    for label in ["baseline", *results["stages"]]:
-        table.add_row(label if label != "baseline" else "mean image (baseline)",
-                      f"{results['mean'][f'{label}_mse_normalized']:.4f}",
-                      f"{results['mean'][f'{label}_mse_pixel']:.5f}")
-    console.print(table)
-    console.print(f"grid: {out / 'grid.png'}  metrics: {out / 'metrics.json'}")
+    results = analysis.run(settings, stages=chosen, ids=id_list, mean_from=mean_from)
+    _show("stages", results, settings.out_dir(analysis.NAME))
+
+
+@analyze.command("inter-layer")
+@analysis_options
+@click.option("--cka/--no-cka", default=True, show_default=True, help="Linear CKA between all cached layers.")
+def analyze_inter_layer(root: Path, cache: str | None, modules: str | None, out: str | None, n: int,
+                        batch_size: int, device: str | None, cka: bool) -> None:
+    """Every encoder and decoder layer through the inverse chains: MSE per layer, grid, and layer-to-layer CKA."""
+    from invcache.analysis import inter_layer as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    _show("inter-layer", analysis.run(settings, cka=cka), settings.out_dir(analysis.NAME))
+
+
+@analyze.command("onehot")
+@analysis_options
+def analyze_onehot(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
+                   device: str | None) -> None:
+    """Head-stage reconstructions from one-hot class input against the full softmax scores."""
+    from invcache.analysis import onehot as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    _show("onehot", analysis.run(settings), settings.out_dir(analysis.NAME))
+
+
+@analyze.command("ap")
+@analysis_options
+@click.option("--annotations", default=None,
+              help="COCO annotation file [default: the one the cache records, checked by sha256].")
+def analyze_ap(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
+               device: str | None, annotations: str | None) -> None:
+    """COCO box AP of DETR from the cached head outputs (DETR is not run)."""
+    from invcache.analysis import ap as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    _show("ap", analysis.run(settings, annotations=annotations), settings.out_dir(analysis.NAME))
+
+
+@cli.command("report")
+@click.argument("root", required=False, type=click.Path(path_type=Path), envvar=ROOT_ENV, default=DEFAULT_ROOT)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: <root>/report.html]")
+def report_command(root: Path, out: Path | None) -> None:
+    """One self-contained HTML page of every analysis under ROOT, with the provenance of its caches and modules."""
+    from invcache.analysis.report import build_report
+
+    console.print(f"report: {build_report(root, out)}")
 
 
 def _mb(n: float) -> str:

@@ -14,7 +14,7 @@ from typing import TypeVar
 import click
 
 from invcache.data import DEFAULT_COCO_ROOT, SOURCES, SYNTHETIC_IMAGES
-from invcache.settings import DIST_TIMEOUT_S, ExtractSettings, default
+from invcache.settings import DIST_TIMEOUT_S, AnalyzeSettings, ExtractSettings, default
 from invcache.workspace import DEFAULT_ROOT, ROOT_ENV
 
 Command = TypeVar("Command", bound=Callable)
@@ -88,3 +88,23 @@ def dist_timeout_option(f: Command) -> Command:
     return click.option("--dist-timeout", type=click.FloatRange(0, min_open=True), default=DIST_TIMEOUT_S,
                         show_default=True, metavar="SECONDS",
                         help="Under torchrun: how long a rank waits for the others at a collective.")(f)
+
+
+def analysis_options(f: Command) -> Command:
+    """What every analysis takes: the workspace, the evaluation cache, the modules, the output, the grid size."""
+    for option in reversed([
+        root_option,
+        click.option("--cache", default=default(AnalyzeSettings, "cache"),
+                     help="Evaluation cache [default: <root>/cache/val2017]."),
+        click.option("--modules", default=default(AnalyzeSettings, "modules"),
+                     help="Folder of trained modules [default: <root>/modules]."),
+        click.option("--out", default=default(AnalyzeSettings, "out"),
+                     help="Results folder [default: <root>/analysis/NAME]."),
+        click.option("--n", type=click.IntRange(1), default=default(AnalyzeSettings, "n"), show_default=True,
+                     help="Images the grids show (every valid image is evaluated)."),
+        click.option("--batch-size", type=click.IntRange(1), default=default(AnalyzeSettings, "batch_size"),
+                     show_default=True),
+        device_option,
+    ]):
+        f = option(f)
+    return f

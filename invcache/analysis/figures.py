@@ -1,0 +1,96 @@
+"""Figure helpers shared by the analyses: bars with confidence intervals, curves, heatmaps, image grids.
+
+Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot, so no global state and no
+display needed); :func:`invcache.analysis.common.write_results` saves them as PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+
+def bars_with_ci(labels: Sequence[str], means: Sequence[float], cis: Sequence[float], *, title: str,
+                 ylabel: str, baseline: float | None = None, baseline_label: str = "mean image") -> Figure:
+    """One bar per label with its 95% CI as error bars; the baseline as a dashed line."""
+    figure = Figure(figsize=(1.3 * len(labels) + 2.5, 3.6))
+    ax = figure.subplots()
+    positions = np.arange(len(labels))
+    ax.bar(positions, means, yerr=np.nan_to_num(cis), capsize=4, color="#4c72b0")
+    if baseline is not None:
+        ax.axhline(baseline, color="#c44e52", linestyle="--", label=baseline_label)
+        ax.legend(loc="upper left", frameon=False)
+    ax.set_xticks(positions, labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.spines[["top", "right"]].set_visible(False)
+    return figure
+
+
+def curves(x_labels: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str, ylabel: str,
+           xlabel: str, baseline: float | None = None, cis: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """One line per series over categorical x positions (NaN points are gaps), optional CI bands and baseline."""
+    figure = Figure(figsize=(max(5.0, 0.55 * len(x_labels) + 2.5), 3.8))
+    ax = figure.subplots()
+    positions = np.arange(len(x_labels))
+    for label, values in series.items():
+        values = np.asarray(values, dtype=float)
+        ax.plot(positions, values, marker="o", label=label)
+        if cis and label in cis:
+            half = np.nan_to_num(np.asarray(cis[label], dtype=float))
+            ax.fill_between(positions, values - half, values + half, alpha=0.2)
+    if baseline is not None:
+        ax.axhline(baseline, color="#c44e52", linestyle="--", label="mean image")
+    ax.set_xticks(positions, x_labels, rotation=45 if len(x_labels) > 8 else 0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize="small")
+    ax.spines[["top", "right"]].set_visible(False)
+    return figure
+
+
+def heatmap(matrix: np.ndarray, labels: Sequence[str], *, title: str, colorbar_label: str,
+            vmin: float = 0.0, vmax: float = 1.0) -> Figure:
+    """A square matrix with its labels on both axes and each value written in its cell."""
+    size = max(4.0, 0.45 * len(labels) + 2.0)
+    figure = Figure(figsize=(size + 1.0, size))
+    ax = figure.subplots()
+    image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    if len(labels) <= 20:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                value = matrix[i, j]
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if value < (vmin + vmax) / 2 else "black")
+    figure.colorbar(image, ax=ax, label=colorbar_label)
+    ax.set_title(title)
+    return figure
+
+
+def image_grid(columns: Mapping[str, torch.Tensor], row_labels: Sequence[str], *, title: str) -> Figure:
+    """Rows = images, columns = named (B, 3, H, W) batches in [0, 1] (e.g. original, then each reconstruction)."""
+    names = list(columns)
+    rows = len(row_labels)
+    height, width = next(iter(columns.values())).shape[2:]
+    tile = 1.6
+    figure = Figure(figsize=(tile * len(names) * width / height + 0.6, tile * rows + 0.6))
+    axes = np.asarray(figure.subplots(rows, len(names), squeeze=False))
+    for c, name in enumerate(names):
+        images = columns[name].detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        for r in range(rows):
+            ax = axes[r, c]
+            ax.imshow(images[r])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    return figure

@@ -1,0 +1,99 @@
+"""``analyze stages`` over a whole cache, its figures recomputed independently (plain zarr, the modules, numpy)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from scipy import stats
+
+from invcache.analysis import stages
+from invcache.errors import UsageError
+from invcache.settings import AnalyzeSettings
+from invcache.training import checkpoint
+
+MEAN = np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+
+
+def module(root, name):
+    loaded, _, _ = checkpoint.load(root / "modules" / name, "best")
+    return loaded.eval()
+
+
+@pytest.fixture(scope="module")
+def results(analysis_workspace):
+    return stages.run(AnalyzeSettings(workspace=analysis_workspace, n=3, batch_size=5))
+
+
+def test_every_valid_image_is_evaluated_and_the_figures_match_an_independent_computation(analysis_workspace,
+                                                                                        results):
+    root = analysis_workspace
+    group = zarr.open_group(root / "cache" / "val2017", mode="r")
+    valid = group["valid"][:]
+    images = group["input"][:][valid].astype(np.float64).transpose(0, 3, 1, 2) / 255
+    mean_image = zarr.open_group(root / "cache" / "train2017", mode="r")["mean_image"][:].transpose(2, 0, 1)
+    b, e, d, p = (module(root, n) for n in ("backbone-inv", "encoder-inv", "decoder-inv", "head-inv"))
+
+    def tensor(tap):
+        return torch.from_numpy(group[tap.replace(".", "/")][:][valid]).float()
+
+    with torch.no_grad():
+        recon = {"backbone": b(tensor("enc.0")), "encoder": b(e(tensor("enc.2"))),
+                 "decoder": b(e(d(tensor("dec.2")))), "head": b(e(d(p(tensor("head.logits"), tensor("head.boxes")))))}
+    recon = {k: v.double().numpy() for k, v in recon.items()}
+    recon["baseline"] = np.broadcast_to(mean_image[None], images.shape)
+    assert results["images"] == int(valid.sum()) == 9
+    rows = list(csv.DictReader(open(root / "analysis" / "stages" / "per_image.csv")))
+    assert [int(r["image_id"]) for r in rows] == group["image_id"][:][valid].tolist()
+    for label, pred in recon.items():
+        pixel = ((pred - images) ** 2).mean(axis=(1, 2, 3))
+        normalized = (((pred - MEAN) / STD - (images - MEAN) / STD) ** 2).mean(axis=(1, 2, 3))
+        for space, values in (("pixel", pixel), ("normalized", normalized)):
+            figure = results["mse"][label][space]
+            np.testing.assert_allclose([float(r[f"{label}_{space}"]) for r in rows], values, rtol=1e-4)
+            np.testing.assert_allclose(figure["mean"], values.mean(), rtol=1e-4)
+            half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+            np.testing.assert_allclose(figure["ci95"], half, rtol=1e-3)
+
+
+def test_results_name_their_files_and_provenance(analysis_workspace, results):
+    out = analysis_workspace / "analysis" / "stages"
+    written = json.loads((out / "results.json").read_text())
+    assert written["files"] == {"tables": ["per_image.csv"], "figures": ["mse.png", "grid.png"]}
+    for name in written["files"]["figures"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    provenance = written["provenance"]
+    assert provenance["cache"]["model"]["weights_sha256"] and set(provenance["modules"]) == {
+        "backbone-inv", "encoder-inv", "decoder-inv", "head-inv"}
+    assert not list(out.glob("*.partial"))
+
+
+def test_missing_modules_name_the_command_that_makes_them(analysis_workspace, tmp_path):
+    (tmp_path / "backbone-inv").symlink_to(analysis_workspace / "modules" / "backbone-inv")
+    (tmp_path / "encoder-inv").symlink_to(analysis_workspace / "modules" / "encoder-inv")
+    with pytest.raises(UsageError, match=r"no trained decoder-inv, head-inv in .*`invcache train decoder-inv`; "
+                                         r"`invcache train head-inv`"):
+        stages.run(AnalyzeSettings(workspace=analysis_workspace, modules=tmp_path, out=tmp_path / "o"))
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_cli_errors_are_one_line_exit_2(analysis_workspace, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "invcache.cli", "analyze", "stages", "--root",
+                               str(analysis_workspace), "--out", str(tmp_path / "o"), *args],
+                              capture_output=True, text=True)
+
+    for args, needle in [(["--cache", str(tmp_path / "none")], "no cache at"),
+                         (["--modules", str(tmp_path)], "invcache train backbone-inv"),
+                         (["--stage", "neck"], "unknown stage 'neck'"),
+                         (["--ids", "1,x"], "bad --ids")]:
+        result = run(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
+    result = run("--n", "2")
+    assert result.returncode == 0 and "results.json" in result.stdout, result.stderr
