@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,8 @@ def extract(
             "failures": failures,
             "complete": bool(cache.complete_shards().all()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # the last run's settings, so a report can show the command that made the cache
+            "settings": _jsonable(asdict(settings)),
         })
     return ExtractResult(
         location, len(image_ids), len(owned), len(skipped), failures, time.perf_counter() - started,
@@ -243,6 +245,16 @@ def _check_disk(location: str, tap_shapes: dict, images: int, force: bool) -> No
             f"not enough disk at {probe}: need about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free "
             "(pass --force to start anyway)"
         )
+
+
+def _jsonable(record: dict) -> dict:
+    """Settings as JSON values: tuples as lists, paths as strings."""
+    def value(v):
+        if isinstance(v, tuple):
+            return list(v)
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    return {k: value(v) for k, v in record.items()}
 
 
 def _versions() -> dict:
