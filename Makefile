@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 endif
 DEMO_ROOT ?= invcache-runs/demo
 
-.PHONY: setup test demo clean
+.PHONY: setup browser test demo clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-test: setup
+# The report's test opens the page in a real headless Chromium (tests/test_report.py): install Debian's package
+# when it is absent (CI runs as root; elsewhere through sudo). Idempotent: nothing happens once it is there.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null || { echo "installing chromium (apt) for the report's browser test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends chromium >/dev/null; }
+
+test: setup browser
 	$(VENV)/bin/ruff check invcache tests benchmarks pipelines
 	$(PY) -m pytest -q
 
