@@ -58,10 +58,12 @@ def test_every_layer_through_every_chain_matches_an_independent_computation(anal
                  ("backbone-per-layer", "enc.1"): b1(torch.from_numpy(tap("enc.1")).float())}
     assert results["images"] == int(valid.sum()) == 9
     assert results["layers"] == ENCODER + DECODER
-    assert set(results["chains"]) == {"backbone", "encoder", "decoder", "backbone-per-layer"}
+    assert set(results["chains"]) == set(results["mse_pixel"]) == {"backbone", "encoder", "decoder",
+                                                                   "backbone-per-layer"}
     # The per-layer B⁻¹ has one point, at the layer it was trained on.
-    assert results["chains"]["backbone-per-layer"]["layers"].keys() == {"enc.1"}
-    assert results["chains"]["backbone-per-layer"]["layers"]["enc.1"]["via"] == ["backbone-inv-from-enc.1"]
+    assert results["chains"]["backbone-per-layer"]["via"] == {"enc.1": ["backbone-inv-from-enc.1"]}
+    assert results["mse_pixel"]["backbone-per-layer"].keys() == {"enc.1"}
+    assert results["chains"]["decoder"]["via"]["dec.0"] == ["decoder-inv", "encoder-inv", "backbone-inv"]
     rows = list(csv.DictReader(open(root / "analysis" / "inter-layer" / "per_image.csv")))
     assert [int(r["image_id"]) for r in rows] == group["image_id"][:][valid].tolist()
     for (chain, layer), pred in recon.items():
@@ -69,7 +71,7 @@ def test_every_layer_through_every_chain_matches_an_independent_computation(anal
         pixel = ((pred - images) ** 2).mean(axis=(1, 2, 3))
         normalized = (((pred - MEAN) / STD - (images - MEAN) / STD) ** 2).mean(axis=(1, 2, 3))
         for space, values in (("pixel", pixel), ("normalized", normalized)):
-            figure = results["chains"][chain]["layers"][layer][space]
+            figure = results[f"mse_{space}"][chain][layer]
             np.testing.assert_allclose(figure["mean"], values.mean(), rtol=1e-4, err_msg=f"{chain} {layer}")
             np.testing.assert_allclose([float(r[f"{chain}:{layer}:{space}"]) for r in rows], values, rtol=1e-4)
             assert figure["n"] == 9 and figure["ci95"] > 0
@@ -103,9 +105,8 @@ def test_tables_and_figures_are_written(analysis_workspace, results):
     # 3 + 3 + 3 shared points, 1 per-layer point, the baseline.
     assert len(per_layer) == 11 and per_layer[-1]["chain"] == "baseline"
     row = next(r for r in per_layer if (r["chain"], r["layer"]) == ("decoder", "dec.2"))
-    figure = results["chains"]["decoder"]["layers"]["dec.2"]
-    assert float(row["pixel_mean"]) == pytest.approx(figure["pixel"]["mean"])
-    assert float(row["normalized_ci95"]) == pytest.approx(figure["normalized"]["ci95"])
+    assert float(row["pixel_mean"]) == pytest.approx(results["mse_pixel"]["decoder"]["dec.2"]["mean"])
+    assert float(row["normalized_ci95"]) == pytest.approx(results["mse_normalized"]["decoder"]["dec.2"]["ci95"])
     assert row["via"] == "decoder-inv -> encoder-inv -> backbone-inv" and row["n"] == "9"
     matrix = list(csv.DictReader(open(out / "cka.csv")))
     assert [r["layer"] for r in matrix] == results["cka"]["layers"]

@@ -65,7 +65,7 @@ def test_mses_and_no_object_fraction_match_an_independent_computation(analysis_w
     for variant in recon:
         assert results["headline"][f"{label[variant]} MSE, [0,1] pixels"] == results["mse"][variant]["pixel"]["mean"]
     difference = [float(r["onehot_pixel"]) - float(r["scores_pixel"]) for r in rows]
-    assert results["onehot_minus_scores"]["pixel"]["mean"] == pytest.approx(np.mean(difference))
+    assert results["onehot_minus_scores"]["mse"]["pixel"]["mean"] == pytest.approx(np.mean(difference))
 
 
 def test_results_name_their_files_and_both_head_modules(analysis_workspace, results):

@@ -93,26 +93,26 @@ def run(settings: AnalyzeSettings | None = None, *, cka: bool = True) -> dict:
 
     per_image, image_ids, grid = reconstruct(cache, rows, taps, chains, modules, baseline, shown, similarity,
                                              settings.batch_size, device)
-    summary = {chain.name: {"label": chain.label, "layers": {
-        tap: {"via": list(via), **{s: mean_ci(per_image[column(chain.name, tap, s)]) for s in SPACES}}
-        for tap, via in chain.via.items()}} for chain in chains}
+    # {space: {chain: {layer: mean ± CI}}}: each space is a table of chains × layers (what the report shows).
+    mse = {s: {c.name: {t: mean_ci(per_image[column(c.name, t, s)]) for t in c.via} for c in chains} for s in SPACES}
     baseline_mse = {s: mean_ci(per_image[column("baseline", None, s)]) for s in SPACES}
     similarities = cka_record(similarity, settings.batch_size) if similarity is not None else None
     results = {
-        "analysis": NAME, "images": int(len(rows)), "layers": layers, "chains": summary, "baseline": baseline_mse,
-        "cka": similarities,
-        "headline": headline(summary, baseline_mse, encoder_layers, decoder_layers, similarities),
+        "analysis": NAME, "images": int(len(rows)), "layers": layers,
+        "chains": {c.name: {"label": c.label, "via": {t: list(via) for t, via in c.via.items()}} for c in chains},
+        **{f"mse_{s}": mse[s] for s in SPACES}, "baseline": baseline_mse, "cka": similarities,
+        "headline": headline(mse["pixel"], baseline_mse, encoder_layers, decoder_layers, similarities),
         "settings": {"batch_size": settings.batch_size, "n": settings.n, "cka": cka},
         "provenance": provenance(cache, modules),
     }
     tables = {
-        "per_layer": per_layer_table(summary, baseline_mse),
+        "per_layer": per_layer_table(chains, mse, baseline_mse),
         "per_image": [{"image_id": int(i), **{key: float(values[k]) for key, values in per_image.items()}}
                       for k, i in enumerate(image_ids)],
     }
     figures = {
-        "mse": curves(layers, {c.label: curve(summary[c.name], layers, "mean") for c in chains},
-                      cis={c.label: curve(summary[c.name], layers, "ci95") for c in chains},
+        "mse": curves(layers, {c.label: curve(mse["pixel"][c.name], layers, "mean") for c in chains},
+                      cis={c.label: curve(mse["pixel"][c.name], layers, "ci95") for c in chains},
                       title=f"Reconstruction error per layer ({len(rows)} images, 95% CI)",
                       xlabel="layer the chain starts from", ylabel="MSE, [0, 1] pixels",
                       baseline=baseline_mse["pixel"]["mean"]),
@@ -209,9 +209,9 @@ def column(chain: str, tap: str | None, space: str) -> str:
     return ":".join(part for part in (chain, tap, space) if part)
 
 
-def curve(chain: Mapping[str, dict], layers: Sequence[str], key: str) -> list[float]:
-    """A chain's pixel-space ``mean`` (or ``ci95``) at each layer, NaN (a gap) where it does not start."""
-    return [chain["layers"][t]["pixel"][key] if t in chain["layers"] else np.nan for t in layers]
+def curve(points: Mapping[str, dict], layers: Sequence[str], key: str) -> list[float]:
+    """A chain's ``mean`` (or ``ci95``) at each layer, NaN (a gap) where it does not start."""
+    return [points[t][key] if t in points else np.nan for t in layers]
 
 
 def add_errors(errors: dict[str, list[np.ndarray]], chain: str, tap: str | None, images: torch.Tensor,
@@ -220,14 +220,14 @@ def add_errors(errors: dict[str, list[np.ndarray]], chain: str, tap: str | None,
         errors[column(chain, tap, space)].append(values)
 
 
-def per_layer_table(summary: Mapping[str, dict], baseline: Mapping[str, dict]) -> list[dict]:
+def per_layer_table(chains: Sequence[Chain], mse: Mapping[str, dict], baseline: Mapping[str, dict]) -> list[dict]:
     """One row per (chain, layer), then the baseline (layer empty): mean and CI half-width in both spaces, n."""
     def row(chain: str, via: str, layer: str, figures: Mapping[str, dict]) -> dict:
         return {"chain": chain, "via": via, "layer": layer,
                 **{f"{s}_{k}": figures[s][k] for s in SPACES for k in ("mean", "ci95")}, "n": figures["pixel"]["n"]}
 
-    table = [row(name, " -> ".join(figures["via"]), tap, figures)
-             for name, chain in summary.items() for tap, figures in chain["layers"].items()]
+    table = [row(c.name, " -> ".join(via), t, {s: mse[s][c.name][t] for s in SPACES})
+             for c in chains for t, via in c.via.items()]
     return [*table, row("baseline", "mean training image", "", baseline)]
 
 
@@ -240,14 +240,14 @@ def cka_record(similarity: MinibatchCKA, minibatch_size: int) -> dict:
             "dropped_images": similarity.dropped}
 
 
-def headline(summary: Mapping[str, dict], baseline: Mapping[str, dict], encoder_layers: Sequence[str],
+def headline(pixel: Mapping[str, dict], baseline: Mapping[str, dict], encoder_layers: Sequence[str],
              decoder_layers: Sequence[str], similarities: Mapping | None) -> dict:
     """A few key numbers: pixel MSE from the first and last encoder layer and the last decoder layer, the
     baseline, and (with CKA) how alike the encoder's input, its output and the decoder's output are."""
     first, last, dec_last = encoder_layers[0], encoder_layers[-1], decoder_layers[-1]
 
     def mse(chain: str, tap: str) -> float:
-        return summary[chain]["layers"][tap]["pixel"]["mean"]
+        return pixel[chain][tap]["mean"]
 
     numbers = {
         f"{first} through {SHARED['encoder']}: MSE, [0,1] pixels": mse("encoder", first),

@@ -12,6 +12,8 @@ no-object query's scores hold). Writes ``results.json``, ``per_image.csv``, ``ms
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -84,7 +86,8 @@ def run(settings: AnalyzeSettings | None = None) -> dict:
     no_object_per_image = np.concatenate(no_object)
     summary = {label: {space: mean_ci(per_image[f"{label}_{space}"]) for space in SPACES} for label in labels}
     # Paired per image: the same image through both chains, so its own difficulty cancels out.
-    difference = {space: mean_ci(per_image[f"onehot_{space}"] - per_image[f"scores_{space}"]) for space in SPACES}
+    difference = {"mse": {space: mean_ci(per_image[f"onehot_{space}"] - per_image[f"scores_{space}"])
+                          for space in SPACES}}
     queries = cache.tap_shape(HEAD_LOGITS)[1]
     results = {
         "analysis": NAME, "images": int(len(rows)), "mse": summary, "onehot_minus_scores": difference,
@@ -119,7 +122,7 @@ def no_object_fraction(logits: torch.Tensor) -> np.ndarray:
     return (logits.argmax(-1) == logits.shape[-1] - 1).double().mean(-1).cpu().numpy()
 
 
-def head_modules(modules_dir, cache: Cache, device: torch.device) -> dict[str, LoadedModule]:
+def head_modules(modules_dir: str | os.PathLike, cache: Cache, device: torch.device) -> dict[str, LoadedModule]:
     """The modules of both chains, each checked to be what its folder promises.
 
     A P⁻¹ trained with the other class input in a folder (e.g. copied by hand) would swap the
