@@ -18,11 +18,12 @@ CASES = {
                   "--num-workers", "0"],
     "train_speed.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "4", "--steps", "2",
                        "--num-workers", "0"],
+    "analysis.py": ["--images", "16", "--batch-size", "8", "--size", "64x96"],
     "gpu.py": ["--device", "cpu", "--model", "detr-tiny", "--size", "64x96", "--images", "8", "--distinct", "4",
                "--batch-sizes", "4", "--num-workers", "0", "--writers", "1", "--shard-size", "4"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
-              "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward"}
+              "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward", "analysis.py": "ratio"}
 
 
 @pytest.mark.slow

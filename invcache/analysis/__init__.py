@@ -1,10 +1,20 @@
 """The analyses of the paper (SPEC §5), one module each, callable from a notebook.
 
 Each reads caches and trained modules only (never DETR) and writes its results, CSVs and
-figures under ``<root>/analysis/<name>/``; ``invcache analyze NAME`` and ``reconstruct``
+figures under ``<root>/analysis/<name>/``; ``invcache analyze NAME`` and ``invcache report``
 are thin CLI layers over them. Shared pieces live once: the chains in :mod:`invcache.chain`,
 the workspace layout in :mod:`invcache.workspace`.
 
-- :mod:`invcache.analysis.reconstruct`: reconstructions from every stage, per-image MSE,
-  grid, next to the mean-training-image baseline.
+- :mod:`~invcache.analysis.stages`: MSE per stage (backbone, encoder, decoder, head) ± 95% CI,
+  next to the mean-training-image baseline; bars and a reconstruction grid;
+- :mod:`~invcache.analysis.inter_layer`: every encoder and decoder layer through the chains
+  (and per-layer modules where trained), MSE curves, grid, linear CKA between all layers
+  (:mod:`~invcache.analysis.cka`);
+- :mod:`~invcache.analysis.onehot`: head-stage reconstructions, one-hot class input vs softmax scores;
+- :mod:`~invcache.analysis.ap`: COCO box AP of DETR from the cached head outputs;
+- :mod:`~invcache.analysis.report`: one self-contained HTML page of a workspace.
+
+Shared pieces: :mod:`~invcache.analysis.common` (evaluation rows, batched whole-shard reads,
+modules with the commands that make them, errors with CIs, provenance, the atomic results
+writer) and :mod:`~invcache.analysis.figures`.
 """

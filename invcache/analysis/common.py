@@ -24,7 +24,7 @@ from scipy import stats
 
 from invcache.cache.store import Cache
 from invcache.chain import LoadedModule, load_modules
-from invcache.data.preprocess import normalize_unit, unit_images
+from invcache.data.preprocess import IMAGENET_STD, unit_images
 from invcache.errors import InvcacheError, UsageError
 from invcache.taps import DECODER_INPUT
 from invcache.training.checkpoint import cache_fingerprint, check_compatible
@@ -134,13 +134,17 @@ def train_command(folder: str) -> str:
 
 
 def image_errors(reconstruction: torch.Tensor, original: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-image MSE of [0, 1] reconstructions (B, 3, H, W) against uint8 originals (B, H, W, 3).
+    """Per-image MSE of [0, 1] reconstructions (B, 3, H, W) against the originals.
 
-    ``normalized``: in the space DETR sees (ImageNet mean and std); ``pixel``: in [0, 1].
+    ``original``: the cached uint8 images (B, H, W, 3), or ``unit_images`` of them when one
+    batch is compared with several reconstructions. ``normalized``: in the space DETR sees
+    (ImageNet mean and std: the difference divided by each channel's std); ``pixel``: in [0, 1].
     """
-    target = unit_images(original).to(reconstruction.device)
-    pixel = ((reconstruction - target) ** 2).mean(dim=(1, 2, 3))
-    normalized = ((normalize_unit(reconstruction) - normalize_unit(target)) ** 2).mean(dim=(1, 2, 3))
+    target = unit_images(original) if original.dtype == torch.uint8 else original
+    squared = (reconstruction - target.to(reconstruction.device)) ** 2
+    inverse_variance = torch.tensor(IMAGENET_STD, device=squared.device, dtype=squared.dtype).view(1, 3, 1, 1) ** -2
+    pixel = squared.mean(dim=(1, 2, 3))
+    normalized = (squared * inverse_variance).mean(dim=(1, 2, 3))
     return {"normalized": normalized.double().cpu().numpy(), "pixel": pixel.double().cpu().numpy()}
 
 

@@ -63,7 +63,7 @@ def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAG
     image_ids, grid = [], {"original": [], **{stage: [] for stage in stages}}
     with torch.no_grad():
         for batch_rows, batch in batches(cache, taps, rows, settings.batch_size, device):
-            original = batch[INPUT]
+            original = unit_images(batch[INPUT])
             image_ids.append(cache.image_ids[batch_rows])
             reconstructions = {"baseline": baseline.expand(len(original), -1, -1, -1)}
             reconstructions.update({stage: invert(modules, {t: batch[t] for t in inputs[stage]},
@@ -73,7 +73,7 @@ def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAG
                     errors[f"{label}_{space}"].append(values)
             keep = np.isin(batch_rows, shown)
             if keep.any():
-                grid["original"].append(unit_images(original[torch.from_numpy(keep)]).cpu())
+                grid["original"].append(original[torch.from_numpy(keep)].cpu())
                 for stage in stages:
                     grid[stage].append(reconstructions[stage][torch.from_numpy(keep)].cpu())
 

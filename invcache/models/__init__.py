@@ -6,6 +6,7 @@ import torch
 
 from invcache.models.config import CONFIGS, DetrConfig, get_config
 from invcache.models.detr import DETR
+from invcache.models.postprocess import post_process
 from invcache.models.weights import load_weights, read_checkpoint, weights_sha256
 
 
@@ -33,4 +34,4 @@ def build_detr(name: str = "detr-r50", weights: str = "official", device: str | 
     return model
 
 
-__all__ = ["CONFIGS", "DETR", "DetrConfig", "build_detr", "get_config", "read_checkpoint"]
+__all__ = ["CONFIGS", "DETR", "DetrConfig", "build_detr", "get_config", "post_process", "read_checkpoint"]
