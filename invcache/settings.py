@@ -11,6 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from invcache.errors import UsageError
 from invcache.workspace import VAL_SPLIT, Workspace
 
 DEFAULT_SIZE = (480, 640)
@@ -104,6 +105,11 @@ class AnalyzeSettings:
     n: int = 8
     batch_size: int = 32
     device: str | None = None
+    mean_from: str | None = None  # the cache whose mean image is the baseline [default: B⁻¹'s training cache]
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch_size < 1:
+            raise UsageError(f"n and batch_size must be at least 1 (got n={self.n}, batch_size={self.batch_size})")
 
     def cache_location(self) -> str:
         """``--cache``, else the workspace's validation split."""

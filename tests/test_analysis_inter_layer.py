@@ -98,7 +98,7 @@ def test_tables_and_figures_are_written(analysis_workspace, results):
     out = analysis_workspace / "analysis" / "inter-layer"
     written = json.loads((out / "results.json").read_text())
     assert written["files"] == {"tables": ["per_layer.csv", "per_image.csv", "cka.csv"],
-                                "figures": ["mse.png", "grid.png", "cka.png"]}
+                                "figures": ["mse.png", "grid.png", "cka.png"], "data": []}
     for name in written["files"]["figures"]:
         assert (out / name).read_bytes()[:8] == PNG
     per_layer = list(csv.DictReader(open(out / "per_layer.csv")))
@@ -135,7 +135,8 @@ def test_missing_modules_are_a_one_line_exit_2_naming_the_command(analysis_works
                             capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "`invcache train decoder-inv`; `invcache train encoder-inv`" in lines[0]
+    assert (f"`invcache train decoder-inv --out {tmp_path}/decoder-inv`; "
+            f"`invcache train encoder-inv --out {tmp_path}/encoder-inv`") in lines[0]
     assert not (tmp_path / "o" / "results.json").exists()
 
 

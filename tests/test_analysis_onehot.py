@@ -71,7 +71,7 @@ def test_mses_and_no_object_fraction_match_an_independent_computation(analysis_w
 def test_results_name_their_files_and_both_head_modules(analysis_workspace, results):
     out = analysis_workspace / "analysis" / "onehot"
     written = json.loads((out / "results.json").read_text())
-    assert written["files"] == {"tables": ["per_image.csv"], "figures": ["mse.png", "grid.png"]}
+    assert written["files"] == {"tables": ["per_image.csv"], "figures": ["mse.png", "grid.png"], "data": []}
     for name in written["files"]["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     modules = written["provenance"]["modules"]
@@ -92,7 +92,7 @@ def test_missing_scores_module_is_one_line_exit_2_naming_the_command(analysis_wo
                             capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "no trained head-inv-scores" in lines[0] and "`invcache train head-inv --class-input scores`" in lines[0]
+    assert "no trained head-inv-scores" in lines[0] and "`invcache train head-inv --class-input scores --" in lines[0]
     assert not (tmp_path / "o" / "results.json").exists()
 
 

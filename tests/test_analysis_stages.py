@@ -64,7 +64,7 @@ def test_every_valid_image_is_evaluated_and_the_figures_match_an_independent_com
 def test_results_name_their_files_and_provenance(analysis_workspace, results):
     out = analysis_workspace / "analysis" / "stages"
     written = json.loads((out / "results.json").read_text())
-    assert written["files"] == {"tables": ["per_image.csv"], "figures": ["mse.png", "grid.png"]}
+    assert written["files"] == {"tables": ["per_image.csv"], "figures": ["mse.png", "grid.png"], "data": []}
     for name in written["files"]["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     provenance = written["provenance"]
@@ -76,8 +76,8 @@ def test_results_name_their_files_and_provenance(analysis_workspace, results):
 def test_missing_modules_name_the_command_that_makes_them(analysis_workspace, tmp_path):
     (tmp_path / "backbone-inv").symlink_to(analysis_workspace / "modules" / "backbone-inv")
     (tmp_path / "encoder-inv").symlink_to(analysis_workspace / "modules" / "encoder-inv")
-    with pytest.raises(UsageError, match=r"no trained decoder-inv, head-inv in .*`invcache train decoder-inv`; "
-                                         r"`invcache train head-inv`"):
+    with pytest.raises(UsageError, match=r"no trained decoder-inv, head-inv in .*`invcache train decoder-inv --out "
+                                         r"\S+/decoder-inv`; `invcache train head-inv --out \S+/head-inv`"):
         stages.run(AnalyzeSettings(workspace=analysis_workspace, modules=tmp_path, out=tmp_path / "o"))
     assert not (tmp_path / "o" / "results.json").exists()
 
@@ -97,3 +97,49 @@ def test_cli_errors_are_one_line_exit_2(analysis_workspace, tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
     result = run("--n", "2")
     assert result.returncode == 0 and "results.json" in result.stdout, result.stderr
+
+
+def test_results_replace_the_previous_run_and_are_strict_json(tmp_path):
+    from matplotlib.figure import Figure
+
+    from invcache.analysis.common import write_results
+
+    write_results(tmp_path, {"x": 1.0}, {"rows": [{"a": 1}]}, {"old": Figure()}, {"extra.json": b"[]"})
+    assert (tmp_path / "old.png").is_file() and (tmp_path / "extra.json").is_file()
+    write_results(tmp_path, {"ci": float("nan"), "nested": [np.float64("nan"), 2.0]}, figures={"new": Figure()})
+    assert not (tmp_path / "old.png").exists() and not (tmp_path / "rows.csv").exists()
+    assert not (tmp_path / "extra.json").exists() and (tmp_path / "new.png").is_file()
+    written = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert written["ci"] is None and written["nested"] == [None, 2.0]
+
+
+def test_bad_settings_and_bad_checkpoints_are_usage_errors(analysis_workspace, tmp_path):
+    import shutil
+
+    with pytest.raises(UsageError, match="batch_size must be at least 1"):
+        AnalyzeSettings(workspace=analysis_workspace, batch_size=0)
+    first = _valid_ids(analysis_workspace)[0]
+    results = stages.run(AnalyzeSettings(workspace=analysis_workspace, out=tmp_path / "dup", n=2),
+                         stages=["backbone"], ids=[first, first])  # a repeated id is shown once
+    assert results["images"] == 9 and (tmp_path / "dup" / "grid.png").is_file()
+    modules = tmp_path / "modules"
+    shutil.copytree(analysis_workspace / "modules" / "backbone-inv", modules / "backbone-inv")
+    (modules / "backbone-inv" / "best.json").write_text("{not json")
+    with pytest.raises(UsageError, match="cannot be read"):
+        stages.run(AnalyzeSettings(workspace=analysis_workspace, modules=modules, out=tmp_path / "o"),
+                   stages=["backbone"])
+
+
+def test_fix_commands_say_where_to_write(analysis_workspace, tmp_path):
+    elsewhere = tmp_path / "ws"
+    (elsewhere / "modules").mkdir(parents=True)
+    with pytest.raises(UsageError, match=rf"`invcache train backbone-inv --root {elsewhere}`"):
+        stages.run(AnalyzeSettings(workspace=analysis_workspace, modules=elsewhere / "modules", out=tmp_path / "o"),
+                   stages=["backbone"])
+    with pytest.raises(UsageError, match=rf"invcache extract --split val2017 --layers all --root {elsewhere}"):
+        stages.run(AnalyzeSettings(workspace=elsewhere))
+
+
+def _valid_ids(root):
+    group = zarr.open_group(root / "cache" / "val2017", mode="r")
+    return group["image_id"][:][group["valid"][:]].tolist()

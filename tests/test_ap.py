@@ -159,7 +159,8 @@ def test_run_over_a_cache_evaluates_its_valid_images_against_the_recorded_file(a
     rows = list(csv.DictReader(open(out / "per_category.csv")))
     assert [r["name"] for r in rows] == [c["name"] for c in load_coco(annotations).dataset["categories"]]
     written = json.loads((out / "results.json").read_text())
-    assert written["files"] == {"tables": ["per_category.csv"], "figures": ["ap_per_category.png"]}
+    assert written["files"] == {"tables": ["per_category.csv"], "figures": ["ap_per_category.png"],
+                                "data": [ap.DETECTIONS]}
     assert (out / "ap_per_category.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.partial"))
 
@@ -208,3 +209,13 @@ def test_run_on_the_analysis_workspace_writes_its_files(analysis_workspace, synt
     assert all(v is None or 0.0 <= v <= 1.0 for v in results["ap"].values())
     for name in ("results.json", "per_category.csv", "detections.json", "ap_per_category.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_an_annotation_file_that_is_not_coco_is_a_usage_error(analysis_workspace, tmp_path):
+    from invcache.analysis import ap
+    from invcache.errors import UsageError
+    from invcache.settings import AnalyzeSettings
+
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UsageError, match="is not a COCO annotation file"):
+        ap.run(AnalyzeSettings(workspace=analysis_workspace, out=tmp_path / "o"), annotations=tmp_path / "broken.json")

@@ -27,7 +27,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from invcache.analysis.common import (
-    RESULTS,
     batches,
     evaluation_rows,
     open_evaluation_cache,
@@ -64,7 +63,11 @@ def run(settings: AnalyzeSettings | None = None, *, annotations: str | os.PathLi
     rows = evaluation_rows(cache)
     require_taps(cache, (HEAD_LOGITS, HEAD_BOXES), "the AP analysis")
     annotation = annotation_record(cache, annotations)
-    coco = load_coco(annotation["file"])
+    try:
+        coco = load_coco(annotation["file"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # not JSON, or not COCO's layout
+        raise UsageError(f"{annotation['file']} is not a COCO annotation file ({type(exc).__name__}: {exc}); "
+                         "pass the right one with --annotations FILE") from None
     all_ids = cache.image_ids
     image_ids = all_ids[rows]
     unknown = np.setdiff1d(image_ids, coco.getImgIds())
@@ -87,14 +90,9 @@ def run(settings: AnalyzeSettings | None = None, *, annotations: str | os.PathLi
         "settings": {"batch_size": settings.batch_size},
         "provenance": provenance(cache),
     }
-    out = settings.out_dir(NAME)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).unlink(missing_ok=True)  # write_results writes it anew last: a folder with it is finished
-    partial = out / f"{DETECTIONS}.partial"
-    partial.write_text(json.dumps(detections))
-    os.replace(partial, out / DETECTIONS)
     figure = per_category_figure(evaluation["per_category"], evaluation["ap"]["AP"], len(rows))
-    write_results(out, results, {"per_category": evaluation["per_category"]}, {"ap_per_category": figure})
+    write_results(settings.out_dir(NAME), results, {"per_category": evaluation["per_category"]},
+                  {"ap_per_category": figure}, {DETECTIONS: json.dumps(detections).encode()})
     return results
 
 

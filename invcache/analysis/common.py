@@ -26,6 +26,7 @@ from invcache.cache.store import Cache
 from invcache.chain import LoadedModule, load_modules
 from invcache.data.preprocess import IMAGENET_STD, unit_images
 from invcache.errors import InvcacheError, UsageError
+from invcache.hashing import file_sha256
 from invcache.taps import DECODER_INPUT
 from invcache.training.checkpoint import cache_fingerprint, check_compatible
 
@@ -43,8 +44,10 @@ TRAIN_COMMANDS = {
 def open_evaluation_cache(location: str) -> Cache:
     """The cache an analysis reads; a missing one is a usage error naming the command that makes it."""
     if not Cache.exists(location):
-        raise UsageError(f"no cache at {location}; make it with `invcache extract --split val2017 --layers all` "
-                         "(or pass --cache)")
+        path = Path(location)
+        where = f"--root {path.parent.parent}" if path.parent.name == "cache" else f"--out {location}"
+        raise UsageError(f"no cache at {location}; make it with `invcache extract --split {path.name} --layers all "
+                         f"{where}` (or pass --cache)")
     return Cache.open(location)
 
 
@@ -115,7 +118,7 @@ def require_modules(modules_dir: str | os.PathLike, names: Iterable[str], cache:
     names = list(names)
     missing = [n for n in names if not (Path(modules_dir) / n / "best.json").is_file()]
     if missing:
-        commands = "; ".join(f"`{train_command(n)}`" for n in missing)
+        commands = "; ".join(f"`{train_command(n, modules_dir)}`" for n in missing)
         them = "it" if len(missing) == 1 else "them"
         raise UsageError(f"no trained {', '.join(missing)} in {modules_dir}; make {them} with {commands}")
     try:
@@ -123,14 +126,27 @@ def require_modules(modules_dir: str | os.PathLike, names: Iterable[str], cache:
                             cache_name=f"the cache {cache.location}")
     except InvcacheError as exc:
         raise UsageError(str(exc)) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a checkpoint's JSON or weights that do not parse
+        raise UsageError(f"a module checkpoint in {modules_dir} cannot be read ({type(exc).__name__}: {exc}); "
+                         "train it again") from None
 
 
-def train_command(folder: str) -> str:
-    """The command that makes a module folder's checkpoint (``backbone-inv-from-enc.3`` → ``… --from enc.3``)."""
+def train_command(folder: str, modules_dir: str | os.PathLike | None = None) -> str:
+    """The command that makes a module folder's checkpoint (``backbone-inv-from-enc.3`` → ``… --from enc.3``).
+
+    With ``modules_dir``, where it goes: ``--root`` when that is a workspace's ``modules``, else ``--out``.
+    """
     if folder in TRAIN_COMMANDS:
-        return TRAIN_COMMANDS[folder]
-    name, _, tap = folder.partition("-from-")
-    return f"invcache train {name} --from {tap}"
+        command = TRAIN_COMMANDS[folder]
+    else:
+        name, _, tap = folder.partition("-from-")
+        command = f"invcache train {name} --from {tap}"
+    if modules_dir is None:
+        return command
+    modules_dir = Path(modules_dir)
+    if modules_dir.name == "modules":
+        return f"{command} --root {modules_dir.parent}"
+    return f"{command} --out {modules_dir / folder}"
 
 
 def image_errors(reconstruction: torch.Tensor, original: torch.Tensor) -> dict[str, np.ndarray]:
@@ -173,22 +189,25 @@ def provenance(cache: Cache, modules: Mapping[str, LoadedModule] | None = None) 
         record["modules"] = {
             name: {"directory": str(m.directory), "spec": m.spec.to_dict(), "epoch": m.meta.get("epoch"),
                    "best_val_loss": m.meta.get("best_val_loss"), "train_cache": m.meta.get("train_cache"),
-                   "settings": m.meta.get("settings")}
+                   "cache_fingerprint": m.meta.get("cache"), "settings": m.meta.get("settings"),
+                   "weights_sha256": file_sha256(m.directory / "best.safetensors")}
             for name, m in modules.items()
         }
     return record
 
 
 def write_results(out: str | os.PathLike, results: dict, tables: Mapping[str, Sequence[Mapping]] | None = None,
-                  figures: Mapping[str, object] | None = None) -> Path:
-    """Write ``<out>/<table>.csv``, ``<out>/<figure>.png`` and then ``<out>/results.json``, each atomically.
+                  figures: Mapping[str, object] | None = None, data: Mapping[str, bytes] | None = None) -> Path:
+    """Write ``<out>/<table>.csv``, ``<out>/<figure>.png``, the raw ``data`` files, then ``<out>/results.json``.
 
-    A previous ``results.json`` is removed first, so a run that fails halfway never leaves a
-    folder that looks finished. Figures are matplotlib ``Figure`` objects.
+    Each file is written atomically. The previous ``results.json`` and every file it listed
+    are removed first, so a run that fails halfway never leaves a folder that looks finished
+    and a rerun with other options leaves no stale figure behind. Figures are matplotlib
+    ``Figure`` objects; NaN (an undefined figure, e.g. the CI of one image) is written as null.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).unlink(missing_ok=True)
+    _remove_previous(out)
     for name, rows in (tables or {}).items():
         text = io.StringIO()
         rows = list(rows)
@@ -200,9 +219,41 @@ def write_results(out: str | os.PathLike, results: dict, tables: Mapping[str, Se
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         _atomic(out / f"{name}.png", buffer.getvalue())
-    files = {"tables": [f"{n}.csv" for n in tables or {}], "figures": [f"{n}.png" for n in figures or {}]}
-    _atomic(out / RESULTS, json.dumps({**results, "files": files}, indent=1, default=_jsonable).encode())
+    for name, payload in (data or {}).items():
+        _atomic(out / name, payload)
+    files = {"tables": [f"{n}.csv" for n in tables or {}], "figures": [f"{n}.png" for n in figures or {}],
+             "data": list(data or {})}
+    text = json.dumps(_without_nan({**results, "files": files}), indent=1, default=_jsonable, allow_nan=False)
+    _atomic(out / RESULTS, text.encode())
     return out / RESULTS
+
+
+def _remove_previous(out: Path) -> None:
+    """Remove a previous run's results.json and the files it listed (only plain names inside ``out``)."""
+    previous = out / RESULTS
+    try:
+        listed = json.loads(previous.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        listed = {}
+    previous.unlink(missing_ok=True)
+    for names in listed.values() if isinstance(listed, dict) else []:
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and name == Path(name).name and name not in ("", ".", ".."):
+                (out / name).unlink(missing_ok=True)
+
+
+def _without_nan(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.floating) and np.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _without_nan(value.tolist())
+    return value
 
 
 def _atomic(path: Path, data: bytes) -> None:
@@ -232,6 +283,7 @@ def mean_training_image(modules: Mapping[str, LoadedModule], cache: Cache, mean_
     try:
         check_compatible(cache_fingerprint(source.attrs), cache.attrs, f"the cache {location}",
                          f"the cache {cache.location}")
+        mean_image = source.mean_image
     except InvcacheError as exc:
         raise UsageError(str(exc)) from None
-    return torch.from_numpy(source.mean_image).permute(2, 0, 1).float()
+    return torch.from_numpy(mean_image).permute(2, 0, 1).float()

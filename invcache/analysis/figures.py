@@ -32,16 +32,15 @@ def bars_with_ci(labels: Sequence[str], means: Sequence[float], cis: Sequence[fl
 
 def curves(x_labels: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str, ylabel: str,
            xlabel: str, baseline: float | None = None, cis: Mapping[str, Sequence[float]] | None = None) -> Figure:
-    """One line per series over categorical x positions (NaN points are gaps), optional CI bands and baseline."""
+    """One line per series over categorical x positions (NaN points are gaps), optional CI error bars and baseline."""
     figure = Figure(figsize=(max(5.0, 0.55 * len(x_labels) + 2.5), 3.8))
     ax = figure.subplots()
     positions = np.arange(len(x_labels))
     for label, values in series.items():
         values = np.asarray(values, dtype=float)
-        ax.plot(positions, values, marker="o", label=label)
-        if cis and label in cis:
-            half = np.nan_to_num(np.asarray(cis[label], dtype=float))
-            ax.fill_between(positions, values - half, values + half, alpha=0.2)
+        # error bars, not bands: a series with a single point (a per-layer module) shows its CI too
+        half = np.nan_to_num(np.asarray(cis[label], dtype=float)) if cis and label in cis else None
+        ax.errorbar(positions, values, yerr=half, marker="o", capsize=3, label=label)
     if baseline is not None:
         ax.axhline(baseline, color="#c44e52", linestyle="--", label="mean image")
     ax.set_xticks(positions, x_labels, rotation=45 if len(x_labels) > 8 else 0)

@@ -88,7 +88,7 @@ def run(settings: AnalyzeSettings | None = None, *, cka: bool = True) -> dict:
     similarity = MinibatchCKA([*encoder_layers, *decoder_layers[1:], *HEAD_LAYERS]) if cka else None
     taps = [T.INPUT, *layers, *(HEAD_LAYERS if cka else ())]
     require_taps(cache, taps, "the inter-layer analysis")
-    baseline = mean_training_image(modules, cache).to(device)
+    baseline = mean_training_image(modules, cache, settings.mean_from).to(device)
     shown = rows[:settings.n]
 
     per_image, image_ids, grid = reconstruct(cache, rows, taps, chains, modules, baseline, shown, similarity,

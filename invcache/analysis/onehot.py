@@ -57,7 +57,7 @@ def run(settings: AnalyzeSettings | None = None) -> dict:
     require_taps(cache, taps, "the onehot analysis")
     device = resolve_device(settings.device)
     modules = head_modules(settings.modules_dir(), cache, device)
-    baseline = mean_training_image(modules, cache).to(device)
+    baseline = mean_training_image(modules, cache, settings.mean_from).to(device)
     all_ids = cache.image_ids
     shown = rows[:settings.n]
 

@@ -5,7 +5,8 @@ head = B⁻¹(E⁻¹(D⁻¹(P⁻¹(head.logits, head.boxes)))). Over every valid
 per-image MSE in normalized and in [0, 1] pixel space, mean ± 95% confidence interval, next
 to the average-guessing baseline (the mean image of B⁻¹'s training cache). Writes
 ``results.json``, ``per_image.csv``, ``mse.png`` (bars) and ``grid.png`` (originals and
-reconstructions of the first ``n`` images, or of ``ids``).
+reconstructions of the first ``n`` images, or of ``ids``). ``settings.mean_from`` names
+another cache for the baseline.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ NAME = "stages"
 SPACES = ("normalized", "pixel")
 
 
-def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAGES, ids: Sequence[int] | None = None,
-        mean_from: str | None = None) -> dict:
+def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAGES, ids: Sequence[int] | None = None
+        ) -> dict:
     """Reconstruct every valid image of the cache from each of ``stages``; returns (and writes) the results."""
     settings = settings or AnalyzeSettings()
     unknown = [s for s in stages if s not in STAGES]
@@ -55,7 +56,7 @@ def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAG
     inputs = {stage: modules[STAGE_CHAINS[stage][0]].spec.inputs for stage in stages}
     taps = sorted({INPUT, *(t for stage in stages for t in inputs[stage])})
     require_taps(cache, taps, "the stages analysis")
-    baseline = mean_training_image(modules, cache, mean_from).to(device)
+    baseline = mean_training_image(modules, cache, settings.mean_from).to(device)
     shown = grid_rows(cache, rows, ids, settings.n)
 
     labels = ["baseline", *stages]
@@ -84,7 +85,7 @@ def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAG
         "analysis": NAME, "images": int(len(rows)), "stages": list(stages), "mse": summary,
         "headline": {f"{label} MSE, [0,1] pixels": summary[label]["pixel"]["mean"] for label in labels},
         "settings": {"batch_size": settings.batch_size, "n": settings.n, "ids": list(ids) if ids else None,
-                     "mean_from": mean_from},
+                     "mean_from": settings.mean_from},
         "provenance": provenance(cache, modules),
     }
     table = [{"image_id": int(i), **{key: float(values[k]) for key, values in per_image.items()}}
@@ -120,7 +121,7 @@ def grid_rows(cache: Cache, rows: np.ndarray, ids: Sequence[int] | None, n: int)
         return rows[:n]
     row_of = {int(image_id): row for row, image_id in enumerate(cache.image_ids)}
     chosen = []
-    for image_id in ids:
+    for image_id in dict.fromkeys(ids):  # each image once, in the order given
         row = row_of.get(int(image_id))
         if row is None or row not in rows:
             raise UsageError(f"image id {image_id} is not a valid image of {cache.location}")

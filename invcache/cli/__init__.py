@@ -319,9 +319,9 @@ def analyze() -> None:
 
 
 def _analysis_settings(root: Path, cache: str | None, modules: str | None, out: str | None, n: int,
-                       batch_size: int, device: str | None) -> AnalyzeSettings:
+                       batch_size: int, device: str | None, mean_from: str | None) -> AnalyzeSettings:
     return AnalyzeSettings(workspace=root, cache=cache, modules=modules, out=out, n=n, batch_size=batch_size,
-                           device=device)
+                           device=device, mean_from=mean_from)
 
 
 def _show(name: str, results: dict, out: Path) -> None:
@@ -342,20 +342,18 @@ def _show(name: str, results: dict, out: Path) -> None:
 @click.option("--stage", "stages", default="all", show_default=True,
               help="backbone, encoder, decoder, head (comma list) or all.")
 @click.option("--ids", default=None, help="COCO image ids the grid shows (comma list) instead of the first --n.")
-@click.option("--mean-from", default=None,
-              help="Cache whose mean image is the baseline [default: B⁻¹'s training cache].")
 def analyze_stages(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
-                   device: str | None, stages: str, ids: str | None, mean_from: str | None) -> None:
+                   device: str | None, mean_from: str | None, stages: str, ids: str | None) -> None:
     """MSE per stage (backbone, encoder, decoder, head) with 95% CIs, bar chart and reconstruction grid."""
     from invcache.analysis import stages as analysis
 
-    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
     chosen = analysis.STAGES if stages == "all" else [s.strip() for s in stages.split(",") if s.strip()]
     try:
         id_list = [int(i) for i in ids.split(",")] if ids else None
     except ValueError:
         raise UsageError(f"bad --ids {ids!r}: expected a comma list of integers") from None
-    results = analysis.run(settings, stages=chosen, ids=id_list, mean_from=mean_from)
+    results = analysis.run(settings, stages=chosen, ids=id_list)
     _show("stages", results, settings.out_dir(analysis.NAME))
 
 
@@ -363,22 +361,22 @@ def analyze_stages(root: Path, cache: str | None, modules: str | None, out: str 
 @analysis_options
 @click.option("--cka/--no-cka", default=True, show_default=True, help="Linear CKA between all cached layers.")
 def analyze_inter_layer(root: Path, cache: str | None, modules: str | None, out: str | None, n: int,
-                        batch_size: int, device: str | None, cka: bool) -> None:
+                        batch_size: int, device: str | None, mean_from: str | None, cka: bool) -> None:
     """Every encoder and decoder layer through the inverse chains: MSE per layer, grid, and layer-to-layer CKA."""
     from invcache.analysis import inter_layer as analysis
 
-    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
     _show("inter-layer", analysis.run(settings, cka=cka), settings.out_dir(analysis.NAME))
 
 
 @analyze.command("onehot")
 @analysis_options
 def analyze_onehot(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
-                   device: str | None) -> None:
+                   device: str | None, mean_from: str | None) -> None:
     """Head-stage reconstructions from one-hot class input against the full softmax scores."""
     from invcache.analysis import onehot as analysis
 
-    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
     _show("onehot", analysis.run(settings), settings.out_dir(analysis.NAME))
 
 
@@ -387,11 +385,11 @@ def analyze_onehot(root: Path, cache: str | None, modules: str | None, out: str 
 @click.option("--annotations", default=None,
               help="COCO annotation file [default: the one the cache records, checked by sha256].")
 def analyze_ap(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
-               device: str | None, annotations: str | None) -> None:
+               device: str | None, mean_from: str | None, annotations: str | None) -> None:
     """COCO box AP of DETR from the cached head outputs (DETR is not run)."""
     from invcache.analysis import ap as analysis
 
-    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device)
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
     _show("ap", analysis.run(settings, annotations=annotations), settings.out_dir(analysis.NAME))
 
 

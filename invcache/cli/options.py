@@ -105,6 +105,8 @@ def analysis_options(f: Command) -> Command:
         click.option("--batch-size", type=click.IntRange(1), default=default(AnalyzeSettings, "batch_size"),
                      show_default=True),
         device_option,
+        click.option("--mean-from", default=default(AnalyzeSettings, "mean_from"),
+                     help="Cache whose mean image is the baseline [default: B⁻¹'s training cache]."),
     ]):
         f = option(f)
     return f
