@@ -432,6 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     except InvcacheError as exc:
         print(f"invcache: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # the filesystem refused (full disk, read-only, permissions): say which path and why
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"invcache: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
