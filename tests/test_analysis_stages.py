@@ -125,7 +125,7 @@ def test_bad_settings_and_bad_checkpoints_are_usage_errors(analysis_workspace, t
     modules = tmp_path / "modules"
     shutil.copytree(analysis_workspace / "modules" / "backbone-inv", modules / "backbone-inv")
     (modules / "backbone-inv" / "best.json").write_text("{not json")
-    with pytest.raises(UsageError, match="cannot be read"):
+    with pytest.raises(UsageError, match="best.json is not a checkpoint.s JSON"):
         stages.run(AnalyzeSettings(workspace=analysis_workspace, modules=modules, out=tmp_path / "o"),
                    stages=["backbone"])
 

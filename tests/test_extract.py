@@ -137,13 +137,6 @@ def test_the_api_refuses_sizes_the_cli_refuses(synthetic_root, tmp_path, size):
     assert not (tmp_path / "c").exists()
 
 
-def test_an_out_path_that_is_a_file_is_refused_in_one_line(synthetic_root, tmp_path):
-    (tmp_path / "a-file").write_text("keep me")
-    result = run_cli(*cli_args(synthetic_root, tmp_path / "a-file"))
-    assert result.returncode == 1 and "not an invcache cache" in result.stderr and "Traceback" not in result.stderr
-    assert (tmp_path / "a-file").read_text() == "keep me"
-
-
 def test_progress_is_reported_per_batch(synthetic_root, tmp_path):
     calls, planned = [], []
     extract(settings_for(synthetic_root, tmp_path / "c"), progress=lambda n, b: calls.append((n, b)),

@@ -65,7 +65,9 @@ def run(settings: AnalyzeSettings | None = None, *, annotations: str | os.PathLi
     annotation = annotation_record(cache, annotations)
     try:
         coco = load_coco(annotation["file"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # not JSON, or not COCO's layout
+    except UsageError as exc:  # load_coco names the file and what is wrong with it
+        raise UsageError(f"{exc}; pass the right one with --annotations FILE") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what pycocotools itself may still raise
         raise UsageError(f"{annotation['file']} is not a COCO annotation file ({type(exc).__name__}: {exc}); "
                          "pass the right one with --annotations FILE") from None
     all_ids = cache.image_ids

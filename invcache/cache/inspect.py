@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -49,34 +51,64 @@ def cache_info(location: str) -> dict:
 
 
 def verify_cache(location: str, threads: int = 4) -> list[str]:
-    """Read every chunk of every array; one message per (array, shard) that fails to verify.
+    """Check the metadata, then read every chunk of every array; one message per problem found.
 
-    Only damage is listed (``store.CORRUPTION_ERRORS``); any other error propagates.
+    Every problem is collected, not only the first: the metadata's (each naming its file), the
+    completion flags against the root ``complete`` attribute, every bookkeeping chunk a complete
+    shard must have, every tap's shard file (each image's crc32c, and the whole file's against
+    the digest recorded when its shard completed) and the mean image. Only damage is listed
+    (``store.CORRUPTION_ERRORS``, missing files and chunks, bad metadata); any other error
+    propagates, and so does a root that is no cache or cannot be read at all.
     """
-    cache = Cache.open(location)
-    problems = []
-    complete = []
-    for shard in range(cache.num_shards):
+    cache = Cache.open(location, check=False)
+    metadata = cache.check_metadata()
+    problems = list(metadata.problems)
+    if not metadata.shards_known:
+        return problems  # without a sound shard layout, reading shards would only add noise
+    readable = [name for name in [*cache.taps, *S.PER_IMAGE_ARRAYS, *S.PER_SHARD_ARRAYS]
+                if name not in metadata.unreadable]
+
+    def read(what: Callable[[], object]) -> object:
         try:
-            complete.append(bool(cache.read(S.SHARD_COMPLETE, shard, shard + 1)[0]))
+            return what()
         except CacheCorruptError as exc:
             problems.append(str(exc))
-            complete.append(False)  # unknown: its chunks' checksums are still checked, missing ones are not damage
+            return None
+
+    # A shard whose flag cannot be read counts as incomplete: its chunks' checksums are still checked,
+    # missing ones are not damage. One whose digests cannot be read has its files checked without them.
+    complete: list[bool] = []
+    digests: list[np.ndarray | None] = []
+    incomplete: list[str] = []  # shards whose flag reads False (not those whose flag cannot be read)
+    for shard in range(cache.num_shards):
+        flag = read(partial(cache.read_shard, S.SHARD_COMPLETE, shard)) if S.SHARD_COMPLETE in readable else None
+        complete.append(flag is not None and bool(flag[0]))
+        if flag is not None and not flag[0]:
+            incomplete.append(str(shard))
+        row = read(partial(cache.read_shard, S.SHARD_DIGEST, shard, True)) if complete[-1] and \
+            S.SHARD_DIGEST in readable else None
+        digests.append(None if row is None else row[0])
+    if cache.attrs.get("complete") is True and incomplete:
+        problems.append(f"{location.rstrip('/')}/zarr.json: complete is true, but shard_complete does not mark "
+                        f"shards {', '.join(incomplete)} complete")
 
     def check(job: tuple[str, int]) -> str | None:
         name, shard = job
         try:
-            cache.read_shard(name, shard, complete[shard])
+            if name in cache.taps:
+                row = digests[shard]
+                digest = None if row is None else int(row[cache.taps.index(name)])
+                cache.decode_shard(name, shard, complete[shard], digest)
+            else:
+                cache.read_shard(name, shard, complete[shard])
         except CacheCorruptError as exc:
             return str(exc)
         return None
 
-    jobs = [(name, shard) for name in [*cache.taps, *S.PER_IMAGE_ARRAYS] for shard in range(cache.num_shards)]
+    names = [name for name in [*cache.taps, *S.PER_IMAGE_ARRAYS] if name in readable]
+    jobs = [(name, shard) for name in names for shard in range(cache.num_shards)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         problems += [p for p in pool.map(check, jobs) if p]
-    if cache.has_mean_image():
-        try:
-            cache.mean_image
-        except CacheCorruptError as exc:
-            problems.append(str(exc))
+    if read(cache.has_mean_image):
+        read(lambda: cache.mean_image)
     return problems

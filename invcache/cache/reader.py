@@ -58,7 +58,7 @@ class CacheSamples(torch.utils.data.IterableDataset):
         self.equal_shares = world > 1 if equal_shares is None else equal_shares
         cache = Cache.open(self.location)
         complete = cache.complete_shards()
-        valid = cache.array(S.VALID)[:]
+        valid = cache.valid
         # valid rows of each complete shard, counted from the shard's start
         self.valid_rows = {
             s: np.flatnonzero(valid[slice(*cache.shard_bounds(s))]) for s in np.flatnonzero(complete).tolist()

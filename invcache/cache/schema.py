@@ -8,10 +8,17 @@ Blosc zstd with bit-shuffle and a crc32c checksum on every chunk. Beside the tap
 - ``orig_size`` (N, 2) int32, (H, W) before resizing;
 - ``valid`` (N,) bool, False where the image could not be read (its rows stay zeros);
 - ``failure`` (N,) str, the reason an image is invalid ("" otherwise);
-- ``shard_complete`` (num_shards,) bool, set only after every array of a shard is written;
+- ``shard_digest`` (num_shards, num_taps) uint32, the digest of each tap's shard file (the crc32c of
+  its chunks' crc32c checksums and its index; taps in the order of the root ``taps`` attribute),
+  recorded as the shard completes: it binds each file to its shard, so a file moved, swapped or
+  replaced by another valid shard file is named as damage;
+- ``shard_complete`` (num_shards,) bool, set only after every array of a shard is written (a
+  missing flag reads as False, except in a cache whose root attribute ``complete`` is true);
 - ``mean_image`` (H, W, 3) float64 in [0, 1], the mean valid ``input``, written once extraction finishes.
 
-The per-image arrays are chunked by shard, so the writer of a shard owns every chunk it touches.
+The per-image arrays are chunked by shard (and the per-shard ones one shard per chunk), so the
+writer of a shard owns every chunk it touches. Every bookkeeping chunk of a complete shard is
+stored, even one equal to the fill value, so a missing chunk is damage rather than "all False".
 Every array carries ``dimension_names`` and a ``description`` attribute (taps also name their
 ``tap``), so plain zarr and xarray users see what they read.
 """
@@ -19,13 +26,16 @@ Every array carries ``dimension_names`` and a ``description`` attribute (taps al
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from invcache.taps import BACKBONE_C5, HEAD_BOXES, HEAD_LOGITS, INPUT, layer_index, tap_path
 
-SCHEMA_VERSION = 1
+# 2: shard_digest; bookkeeping chunks stored even when equal to the fill value.
+SCHEMA_VERSION = 2
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 1
 FLOAT_DTYPE = np.float16
@@ -35,9 +45,11 @@ ORIG_SIZE = "orig_size"
 VALID = "valid"
 FAILURE = "failure"
 SHARD_COMPLETE = "shard_complete"
+SHARD_DIGEST = "shard_digest"
 MEAN_IMAGE = "mean_image"
 PER_IMAGE_ARRAYS = (IMAGE_ID, ORIG_SIZE, VALID, FAILURE)
-BOOKKEEPING_ARRAYS = (*PER_IMAGE_ARRAYS, SHARD_COMPLETE, MEAN_IMAGE)
+PER_SHARD_ARRAYS = (SHARD_COMPLETE, SHARD_DIGEST)
+BOOKKEEPING_ARRAYS = (*PER_IMAGE_ARRAYS, *PER_SHARD_ARRAYS, MEAN_IMAGE)
 
 TAP_DIMENSIONS = ("image", "token", "channel")
 INPUT_DIMENSIONS = ("image", "y", "x", "rgb")
@@ -51,6 +63,8 @@ _BOOKKEEPING = {  # name -> (dimension names, description)
     VALID: (("image",), "False where the image could not be read (its rows are zeros)"),
     FAILURE: (("image",), "why the image is invalid (empty if valid)"),
     SHARD_COMPLETE: (("shard",), "True once every array of the shard is written"),
+    SHARD_DIGEST: (("shard", "tap"), "digest of each tap's shard file: crc32c of its chunks' crc32c and its index "
+                                     "(taps in the order of the root attribute taps), recorded as the shard completes"),
     MEAN_IMAGE: (MEAN_IMAGE_DIMENSIONS, "mean of the valid input images, RGB in [0, 1]"),
 }
 
@@ -114,15 +128,21 @@ def tap_codecs(tap: str, keepbits: int | None) -> dict:
     return {"filters": filters, "compressors": compressors}
 
 
-def per_image_array_specs(num_images: int, shard_size: int) -> dict[str, dict]:
-    """Shape, dtype, chunking and codecs (zstd, then a crc32c on every chunk) of the bookkeeping arrays."""
+def bookkeeping_array_specs(num_images: int, shard_size: int, num_taps: int) -> dict[str, dict]:
+    """Shape, dtype, chunking and codecs (zstd, then a crc32c on every chunk) of the bookkeeping arrays.
+
+    The per-image arrays hold one shard per chunk, the per-shard arrays one shard per chunk too, so
+    chunk ``s`` of any of them belongs to shard ``s``.
+    """
     chunk = min(shard_size, max(num_images, 1))
+    shards = num_shards(num_images, shard_size)
     specs = {
         IMAGE_ID: {"shape": (num_images,), "dtype": np.int64, "chunks": (chunk,)},
         ORIG_SIZE: {"shape": (num_images, 2), "dtype": np.int32, "chunks": (chunk, 2)},
         VALID: {"shape": (num_images,), "dtype": bool, "chunks": (chunk,)},
         FAILURE: {"shape": (num_images,), "dtype": str, "chunks": (chunk,)},
-        SHARD_COMPLETE: {"shape": (num_shards(num_images, shard_size),), "dtype": bool, "chunks": (1,)},
+        SHARD_COMPLETE: {"shape": (shards,), "dtype": bool, "chunks": (1,)},
+        SHARD_DIGEST: {"shape": (shards, num_taps), "dtype": np.uint32, "chunks": (1, num_taps)},
     }
     for name, spec in specs.items():
         spec["compressors"] = [ZstdCodec(level=1), Crc32cCodec()]
@@ -152,3 +172,173 @@ def empty_bookkeeping(rows: int) -> dict[str, np.ndarray]:
 def array_path(name: str) -> str:
     """The path of a tap or bookkeeping array inside the group."""
     return name if name in BOOKKEEPING_ARRAYS else tap_path(name)
+
+
+# -- what a reader checks of a cache's metadata ---------------------------------------------------
+# Each check returns phrases ("shard_size is 0, not a positive integer"); the store prefixes the file.
+
+# The keys of ``model.config``: DetrConfig's fields, from which training and the analyses rebuild the model
+# (a test keeps the two lists equal; importing the model here would import torch into every reader).
+MODEL_CONFIG_KEYS = ("name", "backbone", "dilation", "d_model", "nhead", "num_encoder_layers", "num_decoder_layers",
+                     "dim_feedforward", "num_queries", "num_classes")
+STATES = ("creating", "ready")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number_triple(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+_POSITIVE_INT = (_is_positive_int, "a positive integer")
+_TEXT = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_RECORD = (lambda v: isinstance(v, dict), "a record")
+_MODEL_FIELDS = {"model": _TEXT, "config": _RECORD, "weights_sha256": _TEXT}
+_MODEL_CONFIG_FIELDS = {
+    "name": _TEXT, "backbone": _TEXT, "dilation": _FLAG, "d_model": _POSITIVE_INT, "nhead": _POSITIVE_INT,
+    "num_encoder_layers": _POSITIVE_INT, "num_decoder_layers": _POSITIVE_INT, "dim_feedforward": _POSITIVE_INT,
+    "num_queries": _POSITIVE_INT, "num_classes": _POSITIVE_INT,
+}
+_PREPROCESSING_FIELDS = {
+    "size": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_positive_int(x) for x in v),
+             "[height, width] in pixels"),
+    "mean": (_is_number_triple, "three numbers"),
+    "std": (_is_number_triple, "three numbers"),
+}
+
+
+def is_tap_name(name: object) -> bool:
+    """Whether ``name`` is a storable tap of some DETR (SPEC §1); ``dec.0`` is never stored."""
+    if name in (INPUT, BACKBONE_C5, HEAD_LOGITS, HEAD_BOXES):
+        return True
+    k = layer_index(name) if isinstance(name, str) else None
+    return k is not None and name in (f"enc.{k}", f"dec.{k}") and (k >= 1 or name.startswith("enc."))
+
+
+def layout_problems(attrs: Mapping) -> list[str]:
+    """What is wrong with the root attributes every reader relies on: schema_version, taps, shard_size,
+    num_images, codec and state (as Cache.create and extraction write them)."""
+    def found(key: str) -> str:
+        return f"{key} is {attrs[key]!r}" if key in attrs else f"{key} is missing"
+
+    problems = []
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        problems.append(f"{found('schema_version')}, but this invcache reads schema {SCHEMA_VERSION}: extract the "
+                        "cache again (--overwrite)")
+    taps = attrs.get("taps")
+    if not isinstance(taps, list) or not taps:
+        problems.append(f"{found('taps')}, not a list of tap names")
+    else:
+        unknown = [t for t in taps if not is_tap_name(t)]
+        if unknown:
+            problems.append(f"taps lists {', '.join(repr(t) for t in unknown)}, not tap names")
+        elif len(set(taps)) != len(taps):
+            problems.append(f"taps lists a tap twice: {taps}")
+    for key in ("shard_size", "num_images"):
+        if not _is_positive_int(attrs.get(key)):
+            problems.append(f"{found(key)}, not a positive integer")
+    codec = attrs.get("codec")
+    keepbits = codec.get("keepbits") if isinstance(codec, dict) else None
+    if not (keepbits is None or (_is_positive_int(keepbits) and keepbits <= 10)) or codec != codec_record(keepbits):
+        problems.append(f"{found('codec')}, not a record of the cache's codec")
+    if "state" in attrs and attrs["state"] not in STATES:
+        problems.append(f"state is {attrs['state']!r}, not one of {', '.join(STATES)}")
+    return problems
+
+
+def provenance_problems(attrs: Mapping) -> list[str]:
+    """What is wrong with ``model`` and ``preprocessing``, the provenance training and the analyses rely on.
+
+    A cache made by ``invcache extract`` (it has a ``state``) always records both; a cache made through
+    the API may leave them out, but what it records must be whole.
+    """
+    problems = []
+    for key, fields in (("model", _MODEL_FIELDS), ("preprocessing", _PREPROCESSING_FIELDS)):
+        if key in attrs:
+            problems += _record_problems(attrs[key], key, fields)
+        elif "state" in attrs:
+            problems.append(f"{key} is missing (invcache extract records it in every cache)")
+    model = attrs.get("model")
+    if isinstance(model, dict) and isinstance(model.get("config"), dict):
+        problems += _record_problems(model["config"], "model.config", _MODEL_CONFIG_FIELDS, exact=True)
+    return problems
+
+
+def _record_problems(record: object, name: str, fields: Mapping[str, tuple], exact: bool = False) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"{name} is {record!r}, not a record"]
+    problems = []
+    for key, (valid, meaning) in fields.items():
+        if key not in record:
+            problems.append(f"{name}.{key} is missing")
+        elif not valid(record[key]):
+            problems.append(f"{name}.{key} is {record[key]!r}, not {meaning}")
+    if exact:
+        problems += [f"{name} has an unknown key {key!r}" for key in record if key not in fields]
+    return problems
+
+
+def provenance_row_shape(tap: str, config: Mapping, size: Sequence[int]) -> tuple[int | None, ...] | None:
+    """The per-image shape SPEC §1 gives ``tap`` for a DETR with ``config`` fed images of ``size``.
+
+    None when that DETR has no such tap; ``backbone.c5``'s channel count (the ResNet's) is None,
+    unchecked. The feature map is the image downsampled by the backbone's stride, rounding up.
+    """
+    stride = 16 if config["dilation"] else 32
+    tokens = math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
+    queries, d_model = config["num_queries"], config["d_model"]
+    k = layer_index(tap)
+    fixed = {INPUT: (size[0], size[1], 3), BACKBONE_C5: (tokens, None),
+             HEAD_LOGITS: (queries, config["num_classes"] + 1), HEAD_BOXES: (queries, 4)}
+    if tap in fixed:
+        return fixed[tap]
+    if tap.startswith("enc.") and k is not None and k <= config["num_encoder_layers"]:
+        return (tokens, d_model)
+    if tap.startswith("dec.") and k is not None and k <= config["num_decoder_layers"]:
+        return (queries, d_model)
+    return None
+
+
+def array_problems(name: str, array: zarr.Array, attrs: Mapping) -> list[str]:
+    """Where a tap's or a per-image or per-shard bookkeeping array's shape, chunks, shards or dtype
+    disagree with the root attributes (which must pass :func:`layout_problems`)."""
+    num_images, shard_size, taps = attrs["num_images"], attrs["shard_size"], attrs["taps"]
+    problems = []
+    if name in taps:
+        ndim = len(INPUT_DIMENSIONS if name == INPUT else TAP_DIMENSIONS)
+        if array.ndim != ndim or array.shape[0] != num_images:
+            problems.append(f"shape {array.shape}, not {num_images} images (num_images) of {ndim - 1}-dimensional "
+                            "rows")
+        if array.shards is None or array.shards[0] != shard_size or array.chunks[0] != 1:
+            problems.append(f"shards of {array.shards[0] if array.shards else None} images, chunks of "
+                            f"{array.chunks[0]}, but shard_size is {shard_size}, one image per chunk")
+        if array.dtype != tap_dtype(name):
+            problems.append(f"dtype {array.dtype}, not {tap_dtype(name)}")
+        return problems
+    spec = bookkeeping_array_specs(num_images, shard_size, len(taps))[name]
+    if tuple(array.shape) != spec["shape"] or tuple(array.chunks) != spec["chunks"]:
+        problems.append(f"shape {array.shape} in chunks of {array.chunks}, but num_images {num_images}, shard_size "
+                        f"{shard_size} and {len(taps)} taps make it {spec['shape']} in chunks of {spec['chunks']}")
+    if not _dtype_matches(array.dtype, spec["dtype"]):
+        problems.append(f"dtype {array.dtype}, not {np.dtype(spec['dtype'])}")
+    return problems
+
+
+def mean_image_problems(array: zarr.Array, row_shape: tuple[int, ...]) -> list[str]:
+    """Where ``mean_image`` disagrees with the ``input`` rows it averages (``row_shape``)."""
+    spec = mean_image_spec(row_shape)
+    if tuple(array.shape) != spec["shape"] or tuple(array.chunks) != spec["chunks"] or array.dtype != spec["dtype"]:
+        return [f"shape {array.shape} {array.dtype} in chunks of {array.chunks}, not one {spec['shape']} float64 "
+                "chunk, the shape of an input row"]
+    return []
+
+
+def _dtype_matches(actual: np.dtype, expected: object) -> bool:
+    if expected is str:  # zarr reads variable-length strings as numpy's StringDType (or object, or unicode)
+        return actual.kind in "TUO"
+    return actual == np.dtype(expected)

@@ -11,6 +11,11 @@ parallel). The tests read every written shard back through zarr as well.
 Reading a whole shard has the same problem (zarr decodes at about a third of Blosc's
 speed), so :meth:`ShardCodec.decode` reads the file once, checks the index's and every
 chunk's crc32c and decompresses the chunks directly.
+
+Every chunk's crc32c still passes when a whole valid shard file sits at the wrong place (moved,
+swapped with another shard's, or replaced by another cache's), so :meth:`ShardCodec.write`
+returns the shard's digest (:func:`shard_digest`), which the cache records per shard, and
+:meth:`ShardCodec.decode` compares it when given.
 """
 
 from __future__ import annotations
@@ -36,16 +41,18 @@ class ShardCodec:
     """Encoder for the shards of one array, configured from that array's zarr metadata."""
 
     def __init__(self, array: zarr.Array) -> None:
-        (sharding,) = [c for c in array.metadata.codecs if isinstance(c, ShardingCodec)]
+        sharding = [c for c in array.metadata.codecs if isinstance(c, ShardingCodec)]
+        if len(sharding) != 1 or array.shards is None:
+            raise ShardLayoutError(f"codecs {array.metadata.codecs} are not one sharding codec")
         self.array = array
         self.chunks_per_shard = array.shards[0] // array.chunks[0]
         self.row_shape = tuple(array.shape[1:])
-        inner = list(sharding.codecs)
+        inner = list(sharding[0].codecs)
         filters = [c for c in inner if type(c).__name__ == "BitRound"]
         rest = [c for c in inner if c not in filters]
         shapes = [BytesCodec, BloscCodec, Crc32cCodec]
         if len(rest) != 3 or not all(isinstance(c, kind) for c, kind in zip(rest, shapes)):
-            raise ValueError(f"{array.path}: inner codecs {inner} are not the cache schema's")
+            raise ShardLayoutError(f"inner codecs {inner} are not the cache schema's")
         blosc = rest[1]
         self.blosc = Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
                            blocksize=blosc.blocksize, typesize=blosc.typesize)
@@ -77,9 +84,9 @@ class ShardCodec:
         return pieces
 
     def write(self, shard: int, rows: np.ndarray, pool: Executor | None = None) -> int:
-        """Store shard ``shard`` (rows start at ``shard * shard_size``); returns the stored bytes."""
+        """Store shard ``shard`` (rows start at ``shard * shard_size``); returns its :func:`shard_digest`."""
         pieces = self.encode(rows, pool)
-        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))}"
+        key = self._key(shard)
         store = self.array.store_path.store
         if isinstance(store, LocalStore):
             # Straight to disk from this thread, atomically like zarr's LocalStore, without a joined copy.
@@ -91,16 +98,17 @@ class ShardCodec:
             os.replace(partial, path)
         else:
             sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(pieces))))
-        return sum(len(p) for p in pieces)
+        return shard_digest([piece[-4:] for piece in pieces[:-1]], pieces[-1][:-4])
 
-
-    def decode(self, shard: int, rows: int, complete: bool = True) -> np.ndarray:
+    def decode(self, shard: int, rows: int, complete: bool = True, digest: int | None = None) -> np.ndarray:
         """The first ``rows`` images of shard ``shard``; raises ChecksumError on any mismatch.
 
         The writer stores every image of a shard, so in a ``complete`` shard a missing file or
-        chunk is damage; an incomplete shard reads as zeros where nothing was written.
+        chunk is damage; an incomplete shard reads as zeros where nothing was written. ``digest``,
+        what :meth:`write` returned for this shard, is compared last, once every chunk has passed
+        its own crc32c: a file whose chunks verify but whose digest differs is another shard's.
         """
-        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))}"
+        key = self._key(shard)
         store = self.array.store_path.store
         if isinstance(store, LocalStore):
             path = Path(store.root) / key
@@ -114,8 +122,11 @@ class ShardCodec:
                 raise ChecksumError("the shard is marked complete but its file is missing")
             return out
         index_size = self.chunks_per_shard * 16
+        if len(data) < index_size + 4:
+            raise ChecksumError(f"the shard file is truncated: {len(data)} bytes, less than its index's "
+                                f"{index_size + 4}")
         index_bytes, stored_crc = data[-index_size - 4:-4], data[-4:]
-        if len(data) < index_size + 4 or np.uint32(crc32c(index_bytes)).tobytes() != stored_crc:
+        if np.uint32(crc32c(index_bytes)).tobytes() != stored_crc:
             raise ChecksumError("shard index checksum mismatch")
         index = np.frombuffer(index_bytes, dtype="<u8").reshape(self.chunks_per_shard, 2)
         for i in range(rows):
@@ -128,11 +139,35 @@ class ShardCodec:
             if np.uint32(crc32c(chunk)).tobytes() != data[offset + length - 4:offset + length]:
                 raise ChecksumError(f"checksum mismatch in image {i} of the shard")
             out[i] = np.frombuffer(self.blosc.decode(chunk), dtype=self.dtype).reshape(self.row_shape)
+        if digest is not None:
+            checksums = [data[end - 4:end] for end in (int(o + n) for o, n in index if o != _EMPTY)]
+            if (actual := shard_digest(checksums, index_bytes)) != digest:
+                raise ChecksumError(f"the file is not the one written for this shard: its digest {actual:08x} is "
+                                    f"not the {digest:08x} recorded when the shard completed (moved, swapped or "
+                                    "replaced)")
         return out
+
+    def _key(self, shard: int) -> str:
+        return f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))}"
+
+
+def shard_digest(chunk_checksums: list[bytes], index: bytes) -> int:
+    """What binds a shard file to its place: the crc32c of its chunks' crc32c checksums (in index order) and its index.
+
+    Not the crc32c of the whole file: every chunk, and the index, ends with its own crc32c, and a
+    crc32c over pieces that each end with their own depends only on their lengths (a CRC is
+    affine), so every shard of equal chunk sizes would share it. The chunks' checksums are checked
+    against their bytes on decode, so this digest still covers every byte.
+    """
+    return crc32c(b"".join(chunk_checksums) + index)
 
 
 class ChecksumError(ValueError):
     """A shard whose stored crc32c does not match its bytes."""
+
+
+class ShardLayoutError(ValueError):
+    """An array whose metadata is not the shard layout the cache schema defines (the message names no array)."""
 
 
 _ROWS_PER_TASK = 16

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from pycocotools.coco import COCO
 
-from invcache.data.preprocess import load_sample
+from invcache.data.preprocess import ImageReadError, failed_sample, load_sample
 from invcache.errors import UsageError
 from invcache.hashing import file_sha256
 from invcache.settings import DEFAULT_SIZE
@@ -26,9 +28,102 @@ def annotation_path(root: str | os.PathLike, split: str) -> Path:
 
 
 def load_coco(annotation_file: str | os.PathLike) -> COCO:
-    """pycocotools' COCO without its progress prints."""
+    """pycocotools' COCO of a checked annotation file, without its progress prints.
+
+    A file that is not JSON, or whose layout is not COCO's where invcache and pycocotools rely
+    on it, is a one-line UsageError naming the file and the first problem: pycocotools would
+    fail with a traceback, or not at all until a DataLoader worker meets the bad record.
+    """
+    path = Path(annotation_file)
+    try:
+        dataset = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise UsageError(f"{path} is not a COCO annotation file: not valid JSON ({exc})") from None
+    problem = _layout_problem(dataset)
+    if problem:
+        raise UsageError(f"{path} is not a COCO annotation file: {problem}")
+    coco = COCO()
+    coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
+        coco.createIndex()
+    return coco
+
+
+def image_record_problem(record: object, where: str) -> str | None:
+    """What is wrong with a COCO image record for reading its image (``id``, ``height``, ``width``), if anything."""
+    if not isinstance(record, dict):
+        return f"{where} is a JSON {_json_type(record)}, not an object"
+    return (_field_problem(record, "id", where, _is_int, "an integer")
+            or _field_problem(record, "height", where, _is_count, "a non-negative integer", required=False)
+            or _field_problem(record, "width", where, _is_count, "a non-negative integer", required=False))
+
+
+def _layout_problem(dataset: object) -> str | None:
+    """The first thing in a parsed annotation file that pycocotools or :class:`CocoFolder` would trip over."""
+    if not isinstance(dataset, dict):
+        return f"the top level is a JSON {_json_type(dataset)}, not an object"
+    problem = _list_problem(dataset, "images", required=True)
+    if problem:
+        return problem
+    ids: set[int] = set()
+    for i, image in enumerate(dataset["images"]):
+        where = f"images[{i}]"
+        problem = (image_record_problem(image, where)
+                   or _field_problem(image, "file_name", where, _is_name, "a non-empty string"))
+        if problem:
+            return problem
+        if image["id"] in ids:
+            return f"{where} repeats the id {image['id']}"
+        ids.add(image["id"])
+    # what pycocotools' index keys on
+    for key, fields in (("annotations", ("id", "image_id", "category_id")), ("categories", ("id",))):
+        problem = _list_problem(dataset, key, required=False)
+        if problem:
+            return problem
+        for i, item in enumerate(dataset.get(key, [])):
+            where = f"{key}[{i}]"
+            if not isinstance(item, dict):
+                return f"{where} is a JSON {_json_type(item)}, not an object"
+            for field in fields:
+                problem = _field_problem(item, field, where, _is_int, "an integer")
+                if problem:
+                    return problem
+    return None
+
+
+def _list_problem(dataset: dict, key: str, required: bool) -> str | None:
+    if key not in dataset:
+        return f'no "{key}" list' if required else None
+    if not isinstance(dataset[key], list):
+        return f'"{key}" is a JSON {_json_type(dataset[key])}, not a list'
+    return None
+
+
+def _field_problem(record: dict, key: str, where: str, ok: Callable[[object], bool], expected: str,
+                   required: bool = True) -> str | None:
+    if key not in record:
+        return f"{where} has no {key}" if required else None
+    if not ok(record[key]):
+        shown = repr(record[key])
+        return f"{where} has {key} {shown if len(shown) <= 60 else shown[:57] + '...'}, not {expected}"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 class CocoFolder(torch.utils.data.Dataset):
@@ -60,7 +155,28 @@ class CocoFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
         record = self.coco.imgs[image_id]
-        return load_sample(image_id, self.image_dir / record["file_name"], record, self.size).as_dict()
+        try:
+            path = self.image_file(record)
+        except ImageReadError as exc:
+            return failed_sample(image_id, record, self.size, str(exc)).as_dict()
+        return load_sample(image_id, path, record, self.size).as_dict()
+
+    def image_file(self, record: dict) -> Path:
+        """The file of an image record: its ``file_name`` under the split folder.
+
+        The annotation file may come from anywhere, so its ``file_name`` must not name a file
+        elsewhere on the machine: an absolute one, or one with any ``..`` component, raises
+        ImageReadError (a recorded failure) and nothing is opened. Any ``..`` at all, not only
+        one that climbs out: after a symlinked folder, ``..`` leads to the parent of the link's
+        target. Symlinks inside the split folder are followed wherever they point: the folder
+        is the user's (a split of links into a shared store is a common layout); only what the
+        annotation file says is untrusted.
+        """
+        name = record["file_name"]
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ImageReadError(f"file_name {name!r} escapes the image folder {self.image_dir} (absolute, or "
+                                 "with '..'); not read")
+        return self.image_dir / name
 
     def source_record(self) -> dict:
         """Provenance of this source for a cache's attributes."""

@@ -140,11 +140,16 @@ class Sample:
         }
 
 
+def failed_sample(image_id: int, record: dict, size: tuple[int, int], reason: str) -> Sample:
+    """The recorded failure for an image that was not read: zeros, ``orig_size`` from its annotation record."""
+    fallback = (int(record.get("height", 0)), int(record.get("width", 0)))
+    return Sample(image_id, np.zeros((*size, 3), np.uint8), fallback, False, reason)
+
+
 def load_sample(image_id: int, source: str | os.PathLike | bytes, record: dict, size: tuple[int, int]) -> Sample:
     """Decode and resize one image; an unreadable one becomes an invalid sample that keeps its reason."""
     try:
         image = decode_image(source)
     except ImageReadError as exc:
-        fallback = (int(record.get("height", 0)), int(record.get("width", 0)))
-        return Sample(image_id, np.zeros((*size, 3), np.uint8), fallback, False, str(exc))
+        return failed_sample(image_id, record, size, str(exc))
     return Sample(image_id, resize_uint8(image, size), (image.height, image.width), True)

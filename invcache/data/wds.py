@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from invcache.data.coco import CocoFolder
-from invcache.data.preprocess import Sample, load_sample
+from invcache.data.coco import CocoFolder, image_record_problem
+from invcache.data.preprocess import ImageReadError, Sample, failed_sample, load_sample
 from invcache.errors import InvcacheError, UsageError
 from invcache.settings import DEFAULT_SIZE
+
+log = logging.getLogger(__name__)
 
 SHARD_DIGITS = 6
 
@@ -33,9 +35,10 @@ def coco_to_wds(
 ) -> list[Path]:
     """Write a COCO split as ``coco-<split>-NNNNNN.tar`` shards in ascending image-id order.
 
-    Image bytes are copied as they are (no re-encoding); a missing file gives a sample
-    without ``.jpg``, which the reader reports as a failure. Each shard appears under its
-    final name only once complete.
+    Image bytes are copied as they are (no re-encoding); a missing file, or a ``file_name``
+    that points outside the split folder (:meth:`CocoFolder.image_file`, never opened),
+    gives a sample without ``.jpg``, which the reader reports as a failure. Each shard
+    appears under its final name only once complete.
     """
     dataset = CocoFolder(root, split)
     out_dir = Path(out_dir)
@@ -50,9 +53,13 @@ def coco_to_wds(
                 record = dataset.coco.imgs[image_id]
                 meta = {"image": record, "annotations": dataset.coco.imgToAnns.get(image_id, [])}
                 sample = {"__key__": f"{image_id:012d}", "json": json.dumps(meta).encode()}
-                image_file = dataset.image_dir / record["file_name"]
-                if image_file.is_file():
-                    sample["jpg"] = image_file.read_bytes()
+                try:
+                    image_file = dataset.image_file(record)
+                except ImageReadError as exc:
+                    log.warning(f"image {image_id}: {exc}; its sample gets no .jpg")
+                else:
+                    if image_file.is_file():
+                        sample["jpg"] = image_file.read_bytes()
                 sink.write(sample)
         partial.replace(final)
         shards.append(final)
@@ -101,6 +108,24 @@ def _stream(samples: Iterable[dict], urls: str | list[str]) -> Iterator[dict]:
         raise InvcacheError(f"webdataset shard {where}: cannot read it ({reason})") from None
 
 
+def image_record(raw: dict) -> dict:
+    """The COCO image record in a sample's ``.json``; a malformed one is a one-line UsageError naming the sample."""
+    where = f"webdataset sample {raw.get('__key__')!r} of {raw.get('__url__', 'the stream')}"
+    if "json" not in raw:
+        raise UsageError(f"{where} has no .json")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise UsageError(f"{where}: its .json is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "image" not in meta:
+        raise UsageError(f'{where}: its .json is not {{"image": ..., "annotations": ...}}, as `invcache to-wds` '
+                         "writes it")
+    problem = image_record_problem(meta["image"], "its image record")
+    if problem:
+        raise UsageError(f"{where}: {problem}")
+    return meta["image"]
+
+
 def _every_node(urls):
     return urls
 
@@ -118,14 +143,14 @@ class WdsImages(torch.utils.data.IterableDataset):
             self.urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=wds.split_by_worker,
             empty_check=False,
         )
+        # The image is the sample's .jpg bytes, never a file its key or .json names: a shard
+        # cannot make the reader open anything outside it.
         for raw in _stream(stream, self.urls):
-            record = json.loads(raw["json"])["image"]
+            record = image_record(raw)
             if not self._keep(record):
                 continue
             if "jpg" not in raw:
-                fallback = (int(record.get("height", 0)), int(record.get("width", 0)))
-                reason = f"no .jpg in webdataset sample {raw['__key__']}"
-                yield Sample(record["id"], np.zeros((*self.size, 3), np.uint8), fallback, False, reason)
+                yield failed_sample(record["id"], record, self.size, f"no .jpg in webdataset sample {raw['__key__']}")
                 continue
             yield load_sample(record["id"], raw["jpg"], record, self.size)
 
@@ -151,8 +176,9 @@ class WdsSplit:
             urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=None, empty_check=False,
             select_files=lambda name: name.endswith(".json"),
         )
-        self._metadata = [raw["json"] for raw in _stream(stream, urls)]
-        self.image_ids = [json.loads(meta)["image"]["id"] for meta in self._metadata]
+        raws = list(_stream(stream, urls))
+        self.image_ids = [image_record(raw)["id"] for raw in raws]
+        self._metadata = [raw["json"] for raw in raws]
         if self.image_ids != sorted(set(self.image_ids)):
             raise UsageError(
                 f"webdataset {urls}: image ids must be unique and ascending, as `invcache to-wds` writes them"

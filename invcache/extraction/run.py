@@ -7,18 +7,25 @@ marked complete only after all of its arrays are written, so rerunning the same 
 after a crash skips complete shards, clears and rewrites the rest, and ends with the
 arrays an uninterrupted run writes. Under ``torchrun`` rank r owns shards r, r+K, …;
 rank 0 creates the arrays before any rank writes.
+
+One writer per cache: the run (rank 0 under torchrun) holds the cache's writer lock
+(``invcache.cache.lock``) from before it looks at the cache until it ends. ``--overwrite``
+replaces only a cache (or a cache whose creation was cut short), never another folder, the
+working directory, one of its ancestors, the home directory or the filesystem root.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import torch
@@ -26,6 +33,7 @@ import torch.distributed as dist
 
 from invcache import __version__
 from invcache.cache import schema as S
+from invcache.cache.lock import writer_lock
 from invcache.cache.provenance import resume_differences
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
@@ -45,6 +53,9 @@ log = logging.getLogger(__name__)
 # Typical Blosc-zstd bit-shuffle ratio on LayerNorm'd fp16 activations (measured, SPEC §3);
 # images are assumed not to compress, so the estimate errs on the safe side.
 FLOAT_COMPRESSION_ESTIMATE = 1.15
+# A shard's index: an (offset, length) pair of uint64 per chunk (one image), then its crc32c.
+INDEX_BYTES_PER_CHUNK = 16
+INDEX_CHECKSUM_BYTES = 4
 
 
 @dataclass
@@ -70,6 +81,9 @@ def extract(
     inside :func:`invcache.distributed.process_group`.
     """
     _validate(settings)
+    location = _cache_location(settings)
+    if settings.overwrite:
+        _refuse_to_replace(location)
     rank, world = rank_and_world()
     device = resolve_device(settings.device, rank)
     config = get_config(settings.model)
@@ -79,6 +93,8 @@ def extract(
     image_ids = dataset.image_ids[: settings.limit] if settings.limit else list(dataset.image_ids)
     if not image_ids:
         raise UsageError(f"no images in {settings.split}")
+    # A shard never holds more images than the cache: its index has one entry per image it could hold.
+    shard_size = min(settings.shard_size, len(image_ids))
     model = build_detr(settings.model, settings.weights, device=device)
     tap_shapes = {tap: config.tap_shape(tap, settings.size) for tap in taps}
     attributes = {
@@ -87,45 +103,51 @@ def extract(
         "perturbation": None,
         "source": {**dataset.source_record(), "images": len(image_ids)},
         "taps": taps,
-        "shard_size": settings.shard_size,
+        "shard_size": shard_size,
         "codec": S.codec_record(settings.keepbits),
         "schema_version": S.SCHEMA_VERSION,
         "image_ids_sha256": bytes_sha256(np.asarray(image_ids, dtype=np.int64).tobytes()),
     }
-    location = settings.cache_location()
 
-    cache = rank0_first(lambda: _create_or_resume(location, settings, attributes, tap_shapes),
-                        lambda: Cache.open(location, mode="r+"), rank, world)
+    with ExitStack() as held, _naming_the_cache(location):
+        def create_or_resume() -> Cache:
+            # Rank 0 takes the lock before it looks at the cache and holds it until the run ends; the
+            # other ranks write only after rank 0 succeeded here, so they need no lock of their own.
+            held.enter_context(writer_lock(location))
+            return _create_or_resume(location, settings, attributes, tap_shapes)
 
-    complete = cache.complete_shards()
-    owned_anywhere = not complete.all()  # the same answer on every rank: whether this run writes anything
-    mine = [s for s in range(cache.num_shards) if s % world == rank]
-    owned = [s for s in mine if not complete[s]]
-    skipped = [s for s in mine if complete[s]]
-    for shard in owned:
-        cache.clear_shard(shard)
-    if on_plan:
-        on_plan(cache.rows_in(owned))
+        cache = rank0_first(create_or_resume, lambda: Cache.open(location, mode="r+"), rank, world)
 
-    started = time.perf_counter()
-    rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
-    with _cudnn_benchmark(settings.cudnn_benchmark):
-        totals = run_extraction(
-            cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
-            model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
-        ) if rows else ExtractionTotals()
-    if INPUT in taps and not (cache.has_mean_image() and not owned_anywhere):
-        _store_mean_image(cache, totals, skipped, rank, world, device)
-    barrier(world)
-    failures = cache.failures()
-    if rank == 0:
-        cache.group.attrs.update({
-            "failures": failures,
-            "complete": bool(cache.complete_shards().all()),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            # the last run's settings, so a report can show the command that made the cache
-            "settings": _jsonable(asdict(settings)),
-        })
+        complete = cache.complete_shards()
+        owned_anywhere = not complete.all()  # the same answer on every rank: whether this run writes anything
+        mine = [s for s in range(cache.num_shards) if s % world == rank]
+        owned = [s for s in mine if not complete[s]]
+        skipped = [s for s in mine if complete[s]]
+        for shard in owned:
+            cache.clear_shard(shard)
+        if on_plan:
+            on_plan(cache.rows_in(owned))
+
+        started = time.perf_counter()
+        rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
+        with _cudnn_benchmark(settings.cudnn_benchmark):
+            totals = run_extraction(
+                cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
+                model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
+            ) if rows else ExtractionTotals()
+        if INPUT in taps and not (cache.has_mean_image() and not owned_anywhere):
+            _store_mean_image(cache, totals, skipped, rank, world, device)
+        barrier(world)
+        failures = cache.failures()
+        if rank == 0:
+            cache.group.attrs.update({
+                "failures": failures,
+                "complete": bool(cache.complete_shards().all()),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                # the last run's settings (as given: --shard-size before clamping), so a report can
+                # show the command that made the cache
+                "settings": _jsonable(asdict(settings)),
+            })
     return ExtractResult(
         location, len(image_ids), len(owned), len(skipped), failures, time.perf_counter() - started,
         totals.raw_bytes,
@@ -172,6 +194,37 @@ def _validate(settings: ExtractSettings) -> None:
         raise UsageError("--keepbits must be between 1 and 10 (float16 has 10 mantissa bits)")
 
 
+def _cache_location(settings: ExtractSettings) -> str:
+    """``--out`` as a path or URL; a ``file://`` URL is the local path it names.
+
+    zarr's fsspec store cannot create a group at a ``file://`` URL, and as a path the cache gets
+    the writer lock, the checks of ``--overwrite`` and the disk estimate of any local cache.
+    """
+    location = settings.cache_location()
+    url = urlsplit(location)
+    if url.scheme != "file":
+        return location
+    if url.netloc not in ("", "localhost") or not url.path.startswith("/"):
+        raise UsageError(f"bad --out {location!r}: a file URL names an absolute local path, file:///path/to/cache")
+    return unquote(url.path)
+
+
+def _refuse_to_replace(location: str) -> None:
+    """``--overwrite`` deletes the folder at ``location``: refuse folders whose deletion is never meant."""
+    if "://" in location:
+        return
+    path, cwd = Path(location).resolve(), Path.cwd().resolve()
+    reasons = {  # the most specific reason last: it wins where two name one folder
+        **{ancestor: "an ancestor of the current working directory" for ancestor in cwd.parents},
+        cwd: "the current working directory",
+        Path.home().resolve(): "the home directory",
+        Path(path.anchor): "the filesystem root",
+    }
+    if path in reasons:
+        raise UsageError(f"--overwrite would delete {location}, {reasons[path]}; it replaces only a cache folder "
+                         "of its own: choose another --out")
+
+
 def _open_source(settings: ExtractSettings):
     if settings.wds:
         return WdsSplit(settings.wds, settings.split, settings.size)
@@ -183,11 +236,11 @@ def _open_source(settings: ExtractSettings):
 
 def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict) -> Cache:
     found = Cache.probe(location)
-    if found == "foreign" and not settings.overwrite:
-        raise InvcacheError(
-            f"{location} holds something that is not an invcache cache; choose another --out or pass --overwrite"
-        )
-    num_images = attributes["source"]["images"]
+    if found == "foreign":
+        # --overwrite included: it replaces a cache, never whatever else a mistyped --out names
+        raise UsageError(f"{location} holds something that is not an invcache cache (a file, or a folder with "
+                         "other content); it is left as it is: choose another --out")
+    num_images, shard_size = attributes["source"]["images"], attributes["shard_size"]
     if found == "ready" and not settings.overwrite:
         cache = Cache.open(location, mode="r+")
         diffs = resume_differences(cache.attrs, attributes)
@@ -197,14 +250,15 @@ def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict
                 "pass --overwrite to replace it"
             )
         _remove_partial_files(location)
-        _check_disk(location, tap_shapes, cache.rows_in(np.flatnonzero(~cache.complete_shards())), settings.force)
+        remaining = cache.rows_in(np.flatnonzero(~cache.complete_shards()))
+        _check_disk(location, tap_shapes, remaining, shard_size, settings.force)
         return cache
     # Nothing there, a creation that was cut short, or --overwrite: start afresh.
-    _check_disk(location, tap_shapes, num_images, settings.force)
+    _check_disk(location, tap_shapes, num_images, shard_size, settings.force)
     if found != "absent" and "://" not in location:
         shutil.rmtree(location)
     cache = Cache.create(
-        location, num_images=num_images, tap_shapes=tap_shapes, shard_size=settings.shard_size,
+        location, num_images=num_images, tap_shapes=tap_shapes, shard_size=shard_size,
         keepbits=settings.keepbits, attributes={**attributes, "state": "creating"},
     )
     cache.group.attrs.update({
@@ -221,17 +275,31 @@ def _remove_partial_files(location: str) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def estimate_bytes(tap_shapes: dict, images: int) -> int:
+def estimate_bytes(tap_shapes: dict, images: int, shard_size: int) -> int:
+    """Disk bytes of ``images`` images in shards of ``shard_size``: the taps' data and each shard's index.
+
+    Images are consecutive rows, so they fill ceil(images / shard_size) shards (only the last is short).
+    """
     per_image = 0.0
     for tap, shape in tap_shapes.items():
         raw = int(np.prod(shape)) * S.tap_dtype(tap).itemsize
         per_image += raw if tap == INPUT else raw / FLOAT_COMPRESSION_ESTIMATE
-    return int(per_image * images)
+    index = INDEX_BYTES_PER_CHUNK * shard_size + INDEX_CHECKSUM_BYTES
+    return int(per_image * images) + math.ceil(images / shard_size) * index * len(tap_shapes)
 
 
-def _check_disk(location: str, tap_shapes: dict, images: int, force: bool) -> None:
-    needed = estimate_bytes(tap_shapes, images)
-    message = f"disk estimate: {needed / 1e9:.2f} GB for {images} image(s)"
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest decimal unit that keeps the number at least 1 (B, kB, MB, GB, TB)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _check_disk(location: str, tap_shapes: dict, images: int, shard_size: int, force: bool) -> None:
+    needed = estimate_bytes(tap_shapes, images, shard_size)
+    message = f"disk estimate: {format_bytes(needed)} for {images} image(s)"
     if "://" in location:
         log.info(message)
         return
@@ -239,12 +307,28 @@ def _check_disk(location: str, tap_shapes: dict, images: int, force: bool) -> No
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    log.info(f"{message}; {free / 1e9:.2f} GB free at {probe}")
+    log.info(f"{message}; {format_bytes(free)} free at {probe}")
     if needed > free and not force:
         raise InvcacheError(
-            f"not enough disk at {probe}: need about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free "
+            f"not enough disk at {probe}: need about {format_bytes(needed)}, {format_bytes(free)} free "
             "(pass --force to start anyway)"
         )
+
+
+@contextmanager
+def _naming_the_cache(location: str) -> Iterator[None]:
+    """An OS error that names no file (a write on a full disk) names the cache and says how to go on.
+
+    Shards already marked complete are whole, so rerunning the same command once the cause is
+    fixed resumes from them.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, f"{exc.strerror or exc} while writing the cache; its complete shards are kept: "
+                                 "rerun the same command to resume", location) from exc
 
 
 def _jsonable(record: dict) -> dict:

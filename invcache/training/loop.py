@@ -10,8 +10,9 @@ Adam at the module's learning rate; one validation pass per epoch on the validat
 (the training loss stands in without one); ``last`` is saved every epoch (weights,
 optimizer, epoch), ``best`` whenever the validation loss improves; one JSON line per epoch
 in ``metrics.jsonl``. Losses are summed on the device and read back only every
-``log_every`` steps and at the end of an epoch. Data order depends only on (seed, epoch),
-so a run resumed from ``last`` continues exactly as the uninterrupted run would. Under
+``log_every`` steps and at the end of an epoch. Data order depends only on (seed, epoch)
+and the settings of :data:`_ORDER_SETTINGS`, so a run resumed from ``last`` continues
+exactly as the uninterrupted run would; a resume that changes one of those is refused. Under
 ``torchrun`` (inside :func:`invcache.distributed.process_group`) the module is wrapped in
 DistributedDataParallel and every rank reads its share of the cache.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -144,13 +146,17 @@ def prepare(settings: TrainSettings) -> TrainRun:
                                     f"the validation cache {val_location}")
         _check_taps(val_cache, spec, f"the validation cache {val_location}")
 
+    out = Path(settings.out_dir())
+    if rank == 0:  # the one rank that writes
+        _check_writable(out, "--out" if settings.out else "the run folder")
+
     lr = settings.lr or LEARNING_RATES[spec.name]
     with torch.random.fork_rng(devices=[]):  # the seed picks the initial weights without touching the caller's RNG
         torch.manual_seed(settings.seed)
         module = build_inverse(spec).to(device)
     amp = resolve_amp(settings.amp, device)
     run = TrainRun(
-        settings, spec, location, val_location, fingerprint, device, amp, rank, world, Path(settings.out_dir()), lr,
+        settings, spec, location, val_location, fingerprint, device, amp, rank, world, out, lr,
         module, module, torch.optim.Adam(module.parameters(), lr=lr),
         torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
     )
@@ -264,17 +270,87 @@ def _check_taps(cache: Cache, spec: InverseSpec, what: str) -> None:
                          "--layers")
 
 
+def _check_writable(out: Path, what: str) -> None:
+    """Create ``out`` and write and remove a file in it, so an unwritable folder is refused before any training."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"cannot write to {what} {out}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-") as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as exc:
+        raise UsageError(f"cannot write to {what} {out}: {exc.strerror or exc}") from None
+
+
 def _restore(run: TrainRun, attrs: dict) -> None:
     saved, meta, tensors = checkpoint.load(run.out, "last")
+    where = run.out / "last.json"
     if meta["spec"] != run.spec.to_dict():
         raise InvcacheError(f"{run.out} holds {meta['spec']}, not {run.spec.to_dict()}; choose another --out")
     checkpoint.check_compatible(meta["cache"], attrs, f"the run in {run.out}", f"the cache {run.location}")
+    problem = _resume_state_problem(meta)
+    if problem:
+        raise InvcacheError(f"{where}: {problem}; it is not a checkpoint as invcache writes it")
+    changed = _order_differences(meta["settings"], run)
+    if changed:
+        raise InvcacheError(f"cannot resume the run in {run.out} with settings that change the order or batching of "
+                            f"its data ({'; '.join(changed)}); resume with the run's values, or train anew with --out "
+                            "elsewhere")
     run.module.load_state_dict(saved.state_dict())
-    checkpoint.load_optimizer_state(run.optimizer, meta, tensors)
+    checkpoint.load_optimizer_state(run.optimizer, meta, tensors, where)
     run.start_epoch, run.step, run.best, run.history = meta["epoch"], meta["step"], meta["best_val_loss"], \
         meta["history"]
-    if meta.get("grad_scaler"):
-        run.scaler.load_state_dict(meta["grad_scaler"])
+    if meta["grad_scaler"]:
+        try:
+            run.scaler.load_state_dict(meta["grad_scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InvcacheError(f"{where}: its grad_scaler state cannot be restored ({exc!r})") from None
+
+
+# What an epoch's batches depend on besides (seed, epoch), with their flags: each DataLoader
+# worker takes a contiguous block of the epoch's rows (of its rank's share), shuffles it in its
+# own buffer and batches it, so the worker count, the buffer, the batch size and the number of
+# ranks all change which rows meet in a step. 0 and 1 workers give the same batches (one block,
+# the same buffer). A change is refused, not absorbed: an order independent of the worker count
+# would need one global shuffle, and CacheSamples keeps per-worker blocks for shard locality.
+_ORDER_SETTINGS = {"seed": "--seed", "batch_size": "--batch-size", "num_workers": "--num-workers",
+                   "buffer_size": "buffer_size", "world_size": "the number of torchrun processes"}
+
+
+def _order_differences(saved: dict, run: TrainRun) -> list[str]:
+    """``--num-workers 2 -> 3`` for each setting of ``run`` that would continue the saved run in another order."""
+    current = {**asdict(run.settings), "world_size": run.world}
+    diffs = []
+    for key, flag in _ORDER_SETTINGS.items():
+        before, now = saved.get(key), current[key]
+        if key == "num_workers" and isinstance(before, int):
+            before, now = max(before, 1), max(now, 1)
+        if before != now:
+            diffs.append(f"{flag} {saved.get(key)!r} -> {current[key]!r}")
+    return diffs
+
+
+def _resume_state_problem(meta: dict) -> str | None:
+    """Why ``meta`` lacks what a resume reads besides the spec, the fingerprint and the optimizer, if it does."""
+    checks = [
+        ("epoch", _is_int_from(meta.get("epoch"), 1), "a positive integer"),
+        ("step", _is_int_from(meta.get("step"), 0), "a non-negative integer"),
+        ("best_val_loss", isinstance(meta.get("best_val_loss"), (int, float))
+         and not isinstance(meta.get("best_val_loss"), bool), "a number"),
+        ("history", isinstance(meta.get("history"), list)
+         and all(isinstance(h, dict) for h in meta.get("history")), "a list of objects"),
+        ("settings", isinstance(meta.get("settings"), dict), "an object"),
+        ("grad_scaler", isinstance(meta.get("grad_scaler"), dict), "an object"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            return f"{key} is {meta.get(key)!r}, not {expected}" if key in meta else f"it has no {key}"
+    return None
+
+
+def _is_int_from(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _loader_generator(seed: int, epoch: int) -> torch.Generator:
