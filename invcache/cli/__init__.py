@@ -263,7 +263,7 @@ def verify(cache_path: str) -> None:
     for problem in problems:
         print(f"corrupt: {problem}", file=sys.stderr)
     if problems:
-        raise InvcacheError(f"{len(problems)} corrupt shard(s) in {cache_path}")
+        raise InvcacheError(f"{len(problems)} problem(s) in {cache_path}")
     console.print(f"{cache_path}: every chunk verifies")
 
 
