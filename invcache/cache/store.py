@@ -219,8 +219,8 @@ class Cache:
         root = self._file("zarr.json")
         attrs = self.attrs
         if attrs.get("state") == "creating":
-            return MetadataCheck([f"{root}: state is creating: the cache's creation was cut short; rerun the "
-                                  "extract command that makes it"], False, set())
+            return MetadataCheck([f"{root}: the cache is being created (or its creation was cut short: then "
+                                  "rerun the extract command that makes it)"], False, set())
         layout = S.layout_problems(attrs)
         provenance = S.provenance_problems(attrs)
         problems = [f"{root}: {problem}" for problem in layout + provenance]
