@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from invcache.errors import UsageError
-from invcache.workspace import VAL_SPLIT, Workspace
+from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
 
 DEFAULT_SIZE = (480, 640)
 DEFAULT_SHARD_SIZE = 256
@@ -20,6 +20,10 @@ DEFAULT_SHARD_SIZE = 256
 # legitimately wait long (rank 0 reads every webdataset tar's metadata before the others
 # start); a rank that fails tears its group down, so failures do not wait for this.
 DIST_TIMEOUT_S = 7200.0
+# The colour study (``analyze color``): the paper's categories, and the share of the image one of
+# their instances must cover for an image to be selected.
+COLOR_CATEGORIES = ("stop sign", "bear", "apple", "bus")
+COLOR_MIN_AREA = 0.3
 
 
 def _cores() -> int:
@@ -45,6 +49,11 @@ class ExtractSettings:
     device: str | None = None
     amp: str | None = None
     limit: int | None = None
+    # Perturbations applied after decoding, before resizing, in order (``grayscale``,
+    # ``hue:<target>@<category>``; invcache.data.transforms), and the image ids to keep
+    # (None: the whole split; --limit applies after).
+    transforms: tuple[str, ...] = ()
+    ids: tuple[int, ...] | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     keepbits: int | None = None
     overwrite: bool = False
@@ -57,9 +66,16 @@ class ExtractSettings:
     cudnn_benchmark: bool = False
 
     def cache_location(self) -> str:
+        """``--out``, else ``<root>/cache/<split>``, or with transforms the cache beside it that
+        :func:`invcache.workspace.derived_cache` names (never the clean cache's folder)."""
         if self.out is not None:
             return os.fspath(self.out)
-        return os.fspath(Workspace.at(self.workspace).cache(self.split))
+        location = Workspace.at(self.workspace).cache(self.split)
+        if not self.transforms:
+            return os.fspath(location)
+        from invcache.data.transforms import parse_transform  # numpy: loaded only when there is a transform
+
+        return os.fspath(derived_cache(location, "+".join(parse_transform(t).slug for t in self.transforms)))
 
 
 @dataclass
@@ -92,6 +108,46 @@ class TrainSettings:
         suffix = f"-from-{self.from_tap}" if self.from_tap else ""
         suffix += "-scores" if self.class_input == "scores" else ""
         return Workspace.at(self.workspace).module(f"{self.name}{suffix}")
+
+
+@dataclass
+class DetrTrainSettings:
+    """``invcache train detr``: DETR itself on a COCO-format split, with the official recipe's defaults.
+
+    facebookresearch/detr's ``main.py`` defaults: AdamW, lr 1e-4 (backbone 1e-5), weight decay
+    1e-4, gradient clipping at norm 0.1, dropout 0.1, 300 epochs with the learning rate ×0.1
+    after 200, batch size 2 per process. Images are resized to ``size`` as the cache does.
+    """
+
+    model: str = "detr-r50"
+    weights: str = "random:0"  # where training starts: anything build_detr takes
+    source: str = "coco"
+    coco_root: str | os.PathLike | None = None
+    workspace: str | os.PathLike | None = None
+    split: str = TRAIN_SPLIT
+    val_split: str = VAL_SPLIT
+    size: tuple[int, int] = DEFAULT_SIZE
+    epochs: int = 300
+    lr_drop: int = 200
+    batch_size: int = 2
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5  # 0 freezes the whole backbone
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1  # 0: no clipping
+    dropout: float = 0.1
+    seed: int = 0  # data order, flips and dropout (the initial weights come from ``weights``)
+    out: str | os.PathLike | None = None
+    resume: bool = False
+    device: str | None = None
+    amp: str | None = None
+    num_workers: int = field(default_factory=lambda: min(8, _cores()))
+    synthetic_images: int | None = None  # size of a generated synthetic training split
+    synthetic_val_images: int | None = None  # and of the validation split
+    log_every: int = 10
+
+    def out_dir(self) -> Path:
+        """``--out``, else ``<root>/detr/<model>``."""
+        return Path(self.out) if self.out else Workspace.at(self.workspace).detr(self.model)
 
 
 @dataclass

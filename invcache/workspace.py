@@ -2,8 +2,10 @@
 
 ```
 <root>/cache/<split>/        a zarr cache (train2017, val2017, or any name)
+<root>/cache/<split>+<label>/  a cache of perturbed images derived from it (``analyze grayscale``, ``analyze color``)
 <root>/modules/<name>/       an inverse module's checkpoints (best.*, last.*, metrics.jsonl)
 <root>/analysis/<name>/      an analysis' results, CSVs and figures
+<root>/detr/<model>/         a run of ``invcache train detr`` (best.safetensors, last.pth, metrics.jsonl)
 <root>/synthetic-coco/       the generated COCO-format dataset of ``--source synthetic``
 ```
 
@@ -46,6 +48,17 @@ class Workspace:
     def analysis(self, name: str) -> Path:
         return self.root / "analysis" / name
 
+    def detr(self, model: str) -> Path:
+        """Where ``invcache train detr`` trains ``model``: beside the inverse modules, not among them."""
+        return self.root / "detr" / model
+
     @property
     def synthetic_coco(self) -> Path:
         return self.root / "synthetic-coco"
+
+
+def derived_cache(location: str | os.PathLike, label: str) -> Path:
+    """Where the cache of perturbed images ``label`` made from the cache at ``location`` lives: beside it, as
+    ``<name>+<label>`` (``cache/val2017`` → ``cache/val2017+grayscale``), so every workspace command lists it."""
+    path = Path(location)
+    return path.with_name(f"{path.name}+{label}")

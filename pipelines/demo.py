@@ -26,6 +26,8 @@ def demo(root: str, *, train_images: int = 256, val_images: int = 16, epochs: in
         split_images={"train2017": train_images, "val2017": val_images},
         epochs={name: epochs or e for name, e in module_epochs.items()}, batch_size=32, width="small",
         shard_size=32, num_workers=num_workers, analysis_batch_size=32,
+        # synthetic objects cover at most ~20% of an image; COCO's selected ones 30% or more
+        color_options={"min_area": 0.05},
     )
 
 

@@ -3,7 +3,8 @@
 1. ``extract`` train2017 and val2017 with every tap (resumes: complete shards are skipped);
 2. ``train`` B⁻¹, E⁻¹, D⁻¹ and P⁻¹ (one-hot class input, and softmax scores for the onehot
    analysis), each resuming from its ``last`` checkpoint (a finished module is not retrained);
-3. ``analyze`` stages, inter-layer, onehot and ap over every valid validation image;
+3. ``analyze`` stages, inter-layer, onehot and ap over every valid validation image, then the
+   perturbation studies grayscale and color (each extracts its perturbed images once);
 4. ``report``: one self-contained HTML page.
 
 Every step is idempotent, so rerunning the recipe after an interruption finishes the job.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import invcache
-from invcache.analysis import ap, inter_layer, onehot, report, stages
+from invcache.analysis import ap, color, grayscale, inter_layer, onehot, report, stages
 
 # (module, settings beyond the defaults) in training order; `epochs` picks each module's epochs.
 MODULES = [
@@ -49,6 +50,7 @@ class MainJob:
     num_workers: int = 8
     analysis_batch_size: int = 64
     n: int = 8
+    color_options: Mapping[str, object] = field(default_factory=dict)  # e.g. categories, min_area of `analyze color`
 
     def run(self, say: Callable[[str], None] = print) -> Path:
         """Run (or finish) the job; returns the report's path."""
@@ -69,9 +71,10 @@ class MainJob:
             say(f"train {result.out.name}: {result.epochs} epochs, best validation loss {result.best_val_loss:.4f} "
                 f"({time.perf_counter() - started:.1f} s)")
         settings = invcache.AnalyzeSettings(workspace=self.root, n=self.n, batch_size=self.analysis_batch_size)
-        for analysis in (stages, inter_layer, onehot, ap):
+        for analysis, options in ((stages, {}), (inter_layer, {}), (onehot, {}), (ap, {}), (grayscale, {}),
+                                  (color, self.color_options)):
             started = time.perf_counter()
-            results = analysis.run(settings)
+            results = analysis.run(settings, **options)
             figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in results["headline"].items())
             say(f"analyze {analysis.NAME} ({time.perf_counter() - started:.1f} s): {figures}")

@@ -22,13 +22,15 @@ PAPER_EPOCHS = {"backbone-inv": 100, "encoder-inv": 100, "decoder-inv": 100, "he
 
 
 def paper(root: str, coco_root: str, *, weights: str = "official", limit: int | None = None,
-          epochs: int | None = None, size: tuple[int, int] = (480, 640), num_workers: int = 8) -> MainJob:
-    """The paper's job; ``limit`` (first N images of each split), ``epochs`` and ``size`` shrink it for a smoke run."""
+          epochs: int | None = None, size: tuple[int, int] = (480, 640), num_workers: int = 8,
+          color_options: dict | None = None) -> MainJob:
+    """The paper's job; ``limit`` (first N images of each split), ``epochs``, ``size`` and ``color_options``
+    (``categories``, ``min_area`` of ``analyze color``; default the paper's) shrink it for a smoke run."""
     return MainJob(
         root=root, model="detr-r50", weights=weights, size=size, source="coco", coco_root=coco_root,
         split_images={"train2017": limit, "val2017": limit},
         epochs={name: epochs or e for name, e in PAPER_EPOCHS.items()}, batch_size=128, width="full",
-        shard_size=256, num_workers=num_workers, analysis_batch_size=64,
+        shard_size=256, num_workers=num_workers, analysis_batch_size=64, color_options=color_options or {},
     )
 
 

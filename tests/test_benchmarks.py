@@ -21,9 +21,12 @@ CASES = {
     "analysis.py": ["--images", "16", "--batch-size", "8", "--size", "64x96"],
     "gpu.py": ["--device", "cpu", "--model", "detr-tiny", "--size", "64x96", "--images", "8", "--distinct", "4",
                "--batch-sizes", "4", "--num-workers", "0", "--writers", "1", "--shard-size", "4"],
+    "detr_loss.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "2"],
+    "detr_train.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "1", "--rounds", "1"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
-              "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward", "analysis.py": "ratio"}
+              "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward", "analysis.py": "ratio",
+              "detr_loss.py": "matcher_share", "detr_train.py": "ratio"}
 
 
 @pytest.mark.slow

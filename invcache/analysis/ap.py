@@ -62,26 +62,14 @@ def run(settings: AnalyzeSettings | None = None, *, annotations: str | os.PathLi
     cache = open_evaluation_cache(settings.cache_location())
     rows = evaluation_rows(cache)
     require_taps(cache, (HEAD_LOGITS, HEAD_BOXES), "the AP analysis")
-    annotation = annotation_record(cache, annotations)
-    try:
-        coco = load_coco(annotation["file"])
-    except UsageError as exc:  # load_coco names the file and what is wrong with it
-        raise UsageError(f"{exc}; pass the right one with --annotations FILE") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # what pycocotools itself may still raise
-        raise UsageError(f"{annotation['file']} is not a COCO annotation file ({type(exc).__name__}: {exc}); "
-                         "pass the right one with --annotations FILE") from None
-    all_ids = cache.image_ids
-    image_ids = all_ids[rows]
+    coco, annotation = open_annotations(cache, annotations)
+    image_ids = cache.image_ids[rows]
     unknown = np.setdiff1d(image_ids, coco.getImgIds())
     if len(unknown):
         raise UsageError(f"{len(unknown)} image id(s) of {cache.location} (e.g. {int(unknown[0])}) are not in "
                          f"{annotation['file']}; pass the annotations of its images with --annotations FILE")
 
-    orig_size = torch.from_numpy(cache.read(S.ORIG_SIZE, 0, cache.num_images))
-    detections: list[dict] = []
-    for batch_rows, batch in batches(cache, (HEAD_LOGITS, HEAD_BOXES), rows, settings.batch_size):
-        detections += coco_detections(all_ids[batch_rows], batch[HEAD_LOGITS], batch[HEAD_BOXES],
-                                      orig_size[batch_rows])
+    detections = cache_detections(cache, rows, settings.batch_size)
     evaluation = evaluate_bbox(coco, detections, image_ids)
 
     results = {
@@ -133,6 +121,29 @@ def annotation_record(cache: Cache, annotations: str | os.PathLike | None) -> di
             "from": "cache"}
 
 
+def open_annotations(cache: Cache, annotations: str | os.PathLike | None) -> tuple[COCO, dict]:
+    """The COCO annotations to evaluate ``cache`` against (:func:`annotation_record`), loaded; bad files are one line."""
+    annotation = annotation_record(cache, annotations)
+    try:
+        return load_coco(annotation["file"]), annotation
+    except UsageError as exc:  # load_coco names the file and what is wrong with it
+        raise UsageError(f"{exc}; pass the right one with --annotations FILE") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what pycocotools itself may still raise
+        raise UsageError(f"{annotation['file']} is not a COCO annotation file ({type(exc).__name__}: {exc}); "
+                         "pass the right one with --annotations FILE") from None
+
+
+def cache_detections(cache: Cache, rows: np.ndarray, batch_size: int) -> list[dict]:
+    """COCO results entries (:func:`coco_detections`) of the cached heads of ``rows``."""
+    require_taps(cache, (HEAD_LOGITS, HEAD_BOXES), "AP")
+    orig_size = torch.from_numpy(cache.read(S.ORIG_SIZE, 0, cache.num_images))
+    detections: list[dict] = []
+    for batch_rows, batch in batches(cache, (HEAD_LOGITS, HEAD_BOXES), rows, batch_size):
+        detections += coco_detections(cache.image_ids[batch_rows], batch[HEAD_LOGITS], batch[HEAD_BOXES],
+                                      orig_size[batch_rows])
+    return detections
+
+
 def coco_detections(image_ids: Sequence[int] | np.ndarray, logits: torch.Tensor, boxes: torch.Tensor,
                     orig_size: torch.Tensor) -> list[dict]:
     """COCO results entries (``image_id``, ``category_id``, ``bbox`` xywh in pixels, ``score``) of every query.
@@ -151,8 +162,9 @@ def coco_detections(image_ids: Sequence[int] | np.ndarray, logits: torch.Tensor,
     ]
 
 
-def evaluate_bbox(coco: COCO, detections: list[dict], image_ids: Sequence[int] | np.ndarray) -> dict:
-    """pycocotools' bbox evaluation of ``detections`` on ``image_ids`` only.
+def evaluate_bbox(coco: COCO, detections: list[dict], image_ids: Sequence[int] | np.ndarray,
+                  category_ids: Sequence[int] | None = None) -> dict:
+    """pycocotools' bbox evaluation of ``detections`` on ``image_ids`` only (and ``category_ids``, if given).
 
     Returns ``ap`` (:data:`STATS`; None where no ground truth of that size exists), ``per_category``
     (one row per category of the file) and ``summary`` (COCOeval's printed summary lines).
@@ -164,6 +176,8 @@ def evaluate_bbox(coco: COCO, detections: list[dict], image_ids: Sequence[int] |
         found = coco.loadRes([dict(d) for d in detections])
         evaluator = COCOeval(coco, found, iouType="bbox")
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        if category_ids is not None:
+            evaluator.params.catIds = sorted(int(i) for i in category_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         printed.seek(0)

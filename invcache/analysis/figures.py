@@ -1,4 +1,5 @@
-"""Figure helpers shared by the analyses: bars with confidence intervals, curves, heatmaps, image grids.
+"""Figure helpers shared by the analyses: bars with confidence intervals, grouped bars, curves, heatmaps, image
+grids.
 
 Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot, so no global state and no
 display needed); :func:`invcache.analysis.common.write_results` saves them as PNG.
@@ -26,6 +27,24 @@ def bars_with_ci(labels: Sequence[str], means: Sequence[float], cis: Sequence[fl
     ax.set_xticks(positions, labels)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    ax.spines[["top", "right"]].set_visible(False)
+    return figure
+
+
+def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float | None]], *, title: str,
+                 ylabel: str) -> Figure:
+    """One group of bars per entry of ``groups``, one bar per series in each (None: no bar)."""
+    figure = Figure(figsize=(max(5.0, 0.35 * len(groups) * len(series) + 2.5), 3.6))
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(series))
+    positions = np.arange(len(groups))
+    for k, (label, values) in enumerate(series.items()):
+        heights = [np.nan if v is None else v for v in values]
+        ax.bar(positions + (k - (len(series) - 1) / 2) * width, heights, width, label=label)
+    ax.set_xticks(positions, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(frameon=False, fontsize="small", ncol=min(len(series), 6))
     ax.spines[["top", "right"]].set_visible(False)
     return figure
 

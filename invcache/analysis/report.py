@@ -35,7 +35,7 @@ REPORT = "report.html"
 RESULTS = "results.json"  # the name every analysis writes last (invcache.analysis.common.RESULTS)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Settings fields whose command-line option has another name, and TrainSettings fields with no option at all.
-OPTION_NAMES = {"workspace": "root", "from_tap": "from"}
+OPTION_NAMES = {"workspace": "root", "from_tap": "from", "transforms": "transform"}
 API_ONLY = {"buffer_size", "log_every"}
 # The Content-Security-Policy of the page: nothing loads but inline styles and data: images.
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -335,6 +335,11 @@ def settings_command(program: str, settings_class: type, settings: object, posit
             words.append(option)
         elif field.name == "size" and isinstance(value, list):
             words += [option, "x".join(str(v) for v in value)]
+        elif field.name == "transforms" and isinstance(value, list):  # repeatable, applied in order
+            for text in value:
+                words += [option, str(text)]
+        elif field.name == "ids" and isinstance(value, list):
+            words += [option, ",".join(str(v) for v in value)]
         else:
             words += [option, str(value)]
     command = " ".join(shlex.quote(word) if i else word for i, word in enumerate(words))

@@ -28,7 +28,15 @@ from invcache.cli.options import (
     weights_option,
 )
 from invcache.errors import InvcacheError, UsageError
-from invcache.settings import AnalyzeSettings, ExtractSettings, TrainSettings, default
+from invcache.settings import (
+    COLOR_CATEGORIES,
+    COLOR_MIN_AREA,
+    AnalyzeSettings,
+    DetrTrainSettings,
+    ExtractSettings,
+    TrainSettings,
+    default,
+)
 from invcache.workspace import DEFAULT_ROOT, ROOT_ENV, VAL_SPLIT
 
 console = Console(soft_wrap=True)
@@ -138,7 +146,8 @@ def taps(model_name: str, weights: str, source: str, synthetic_images: int | Non
 @coco_root_option
 @root_option
 @click.option("--out", type=str, default=default(ExtractSettings, "out"),
-              help="Cache location (path or URL zarr opens) [default: <root>/cache/<split>].")
+              help="Cache location (path or URL zarr opens) [default: <root>/cache/<split>; with --transform, "
+                   "<root>/cache/<split>+<transform>, beside it].")
 @model_option
 @weights_option
 @size_option
@@ -152,7 +161,15 @@ def taps(model_name: str, weights: str, source: str, synthetic_images: int | Non
               help="Let cuDNN autotune its kernels: faster on GPU, but a resumed run may then differ from an "
                    "uninterrupted one in the last bits.")
 @click.option("--limit", type=click.IntRange(1), default=default(ExtractSettings, "limit"),
-              help="Only the first N images (ascending id).")
+              help="Only the first N images (ascending id; after --ids).")
+@click.option("--transform", "transforms", multiple=True, metavar="NAME",
+              help="Perturb each image after decoding, before resizing (repeatable, applied in order): grayscale, "
+                   "or hue:<red|green|blue|+120|+240|identity>@<category> (the category's instance masks recoloured "
+                   "through HSV; identity is the round trip alone; needs a COCO folder's annotations).")
+@click.option("--ids", "ids_text", default=None, metavar="ID,ID,...",
+              help="Only these image ids of the split (comma list).")
+@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Only the image ids listed in FILE (one per line, # comments).")
 @click.option("--shard-size", type=click.IntRange(1), default=default(ExtractSettings, "shard_size"),
               show_default=True, help="Images per shard.")
 @click.option("--keepbits", type=click.IntRange(1, 10), default=default(ExtractSettings, "keepbits"),
@@ -166,8 +183,9 @@ def taps(model_name: str, weights: str, source: str, synthetic_images: int | Non
 def extract(split: str, layers: str, source: str, synthetic_images: int | None, wds_pattern: str | None,
             coco_root: Path, root: Path, out: str | None, model_name: str, weights: str, size: tuple[int, int],
             batch_size: int, num_workers: int, device: str | None, amp: str | None, cudnn_benchmark: bool,
-            limit: int | None, shard_size: int, keepbits: int | None, writers: int, overwrite: bool, strict: bool,
-            force: bool, dist_timeout: float) -> None:
+            limit: int | None, transforms: tuple[str, ...], ids_text: str | None, ids_file: Path | None,
+            shard_size: int, keepbits: int | None, writers: int, overwrite: bool, strict: bool, force: bool,
+            dist_timeout: float) -> None:
     """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable; torchrun shares it out)."""
     from invcache.cli.display import ExtractBar
     from invcache.distributed import process_group
@@ -176,9 +194,9 @@ def extract(split: str, layers: str, source: str, synthetic_images: int | None, 
     settings = ExtractSettings(
         split=split, layers=layers, source=source, wds=wds_pattern, coco_root=coco_root, workspace=root, out=out,
         model=model_name, weights=weights, size=size, batch_size=batch_size, num_workers=num_workers,
-        device=device, amp=amp, limit=limit, shard_size=shard_size, keepbits=keepbits, overwrite=overwrite,
-        strict=strict, force=force, writers=writers, synthetic_images=synthetic_images,
-        cudnn_benchmark=cudnn_benchmark,
+        device=device, amp=amp, limit=limit, transforms=transforms, ids=_extract_ids(ids_text, ids_file),
+        shard_size=shard_size, keepbits=keepbits, overwrite=overwrite, strict=strict, force=force, writers=writers,
+        synthetic_images=synthetic_images, cudnn_benchmark=cudnn_benchmark,
     )
     with process_group(dist_timeout) as (rank, _world), ExtractBar(f"extract {split}") as bar:
         callbacks = {"progress": bar.advance, "on_plan": bar.plan} if rank == 0 else {}
@@ -195,6 +213,22 @@ def extract(split: str, layers: str, source: str, synthetic_images: int | None, 
             console.print(f"[yellow]  … and {len(result.failures) - 20} more (see invcache info)[/yellow]")
     if strict and result.failures:
         raise InvcacheError(f"{len(result.failures)} image(s) failed and --strict is set")
+
+
+def _extract_ids(text: str | None, ids_file: Path | None) -> tuple[int, ...] | None:
+    """The ids of ``--ids`` (a comma list) or ``--ids-file``; None for the whole split."""
+    from invcache.data.selection import read_ids_file
+
+    if text is not None and ids_file is not None:
+        raise UsageError("--ids and --ids-file both restrict the split: give one of them")
+    if ids_file is not None:
+        return tuple(read_ids_file(ids_file))
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isascii() and part.isdigit() for part in parts):
+        raise UsageError(f"bad --ids {text!r}: expected a comma list of image ids, e.g. 139,285")
+    return tuple(int(part) for part in parts)
 
 
 def _cache_path(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -267,8 +301,22 @@ def verify(cache_path: str) -> None:
     console.print(f"{cache_path}: every chunk verifies")
 
 
-@cli.command("train")
-@click.argument("name", type=click.Choice(["backbone-inv", "encoder-inv", "decoder-inv", "head-inv"]))
+class _TrainCommand(click.Command):
+    """``train NAME``; ``train detr …`` hands the rest of its command line to :func:`train_detr_command`.
+
+    Training DETR takes other options than training an inverse module, so it is a command of its
+    own; dispatching on the first argument keeps ``invcache train NAME [OPTIONS]`` as it was.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra) -> click.Context:
+        if args[:1] == ["detr"]:
+            return train_detr_command.make_context(f"{info_name} detr", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@cli.command("train", cls=_TrainCommand)
+@click.argument("name", type=click.Choice(["backbone-inv", "encoder-inv", "decoder-inv", "head-inv", "detr"]))
 @click.option("--cache", default=default(TrainSettings, "cache"),
               help="Training cache [default: <root>/cache/train2017].")
 @click.option("--val-cache", default=default(TrainSettings, "val_cache"),
@@ -296,11 +344,15 @@ def verify(cache_path: str) -> None:
 def train_command(name: str, cache: str | None, val_cache: str | None, root: Path, from_tap: str | None, epochs: int,
                   batch_size: int, lr: float | None, amp: str | None, out: str | None, resume: bool, seed: int,
                   num_workers: int, width: str, class_input: str, device: str | None, dist_timeout: float) -> None:
-    """Train an inverse module from the cache alone (DETR is never run; torchrun trains data-parallel)."""
+    """Train an inverse module from the cache alone (DETR is never run; torchrun trains data-parallel).
+
+    `invcache train detr [OPTIONS]` trains DETR itself instead (see `invcache train detr --help`)."""
     from invcache.cli.display import TrainDisplay
     from invcache.distributed import process_group
     from invcache.training import train
 
+    if name == "detr":  # only reached when options came before it: `train detr` is dispatched by _TrainCommand
+        raise UsageError("write the options of `invcache train detr` after detr: invcache train detr [OPTIONS]")
     settings = TrainSettings(
         name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=from_tap, epochs=epochs,
         batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, num_workers=num_workers,
@@ -313,9 +365,86 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
                       f"checkpoints in {result.out}")
 
 
+@click.command("detr", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_name", default=default(DetrTrainSettings, "model"), show_default=True)
+@click.option("--weights", default=default(DetrTrainSettings, "weights"), show_default=True,
+              help="Where training starts: random[:SEED], official, demo, or an official/HF checkpoint path "
+                   "(a run's best.safetensors or last.pth too).")
+@source_option
+@click.option("--split", default=default(DetrTrainSettings, "split"), show_default=True, help="Training split.")
+@click.option("--val-split", default=default(DetrTrainSettings, "val_split"), show_default=True,
+              help="Validation split: box AP after every epoch; best.safetensors keeps the highest AP.")
+@synthetic_images_option
+@click.option("--synthetic-val-images", type=click.IntRange(1), default=default(DetrTrainSettings,
+              "synthetic_val_images"), help="The same for the validation split.")
+@coco_root_option
+@root_option
+@size_option
+@click.option("--epochs", type=click.IntRange(1), default=default(DetrTrainSettings, "epochs"), show_default=True)
+@click.option("--lr-drop", type=click.IntRange(1), default=default(DetrTrainSettings, "lr_drop"), show_default=True,
+              help="Multiply the learning rates by 0.1 every N epochs (StepLR).")
+@click.option("--batch-size", type=click.IntRange(1), default=default(DetrTrainSettings, "batch_size"),
+              show_default=True, help="Images per step and process.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=default(DetrTrainSettings, "lr"),
+              show_default=True, help="AdamW's learning rate outside the backbone.")
+@click.option("--lr-backbone", type=click.FloatRange(0), default=default(DetrTrainSettings, "lr_backbone"),
+              show_default=True, help="The backbone's (layer2-4; 0 freezes it all).")
+@click.option("--weight-decay", type=click.FloatRange(0), default=default(DetrTrainSettings, "weight_decay"),
+              show_default=True)
+@click.option("--clip-max-norm", type=click.FloatRange(0), default=default(DetrTrainSettings, "clip_max_norm"),
+              show_default=True, help="Clip the gradients to this norm (0: no clipping).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=default(DetrTrainSettings, "dropout"),
+              show_default=True, help="In the transformer, while training.")
+@click.option("--seed", type=int, default=default(DetrTrainSettings, "seed"), show_default=True,
+              help="Data order, flips and dropout (the initial weights come from --weights).")
+@click.option("--out", default=default(DetrTrainSettings, "out"), help="Run folder [default: <root>/detr/MODEL].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pth.")
+@click.option("--num-workers", type=click.IntRange(0), default=default(DetrTrainSettings, "num_workers"),
+              show_default=True, help="DataLoader processes decoding and resizing images.")
+@device_option
+@amp_option
+@dist_timeout_option
+def train_detr_command(model_name: str, weights: str, source: str, split: str, val_split: str,
+                       synthetic_images: int | None, synthetic_val_images: int | None, coco_root: Path, root: Path,
+                       size: tuple[int, int], epochs: int, lr_drop: int, batch_size: int, lr: float,
+                       lr_backbone: float, weight_decay: float, clip_max_norm: float, dropout: float, seed: int,
+                       out: str | None, resume: bool, num_workers: int, device: str | None, amp: str | None,
+                       dist_timeout: float) -> None:
+    """Train DETR itself on a COCO-format split, resized to --size as the cache is (torchrun: data-parallel).
+
+    The official recipe (facebookresearch/detr): Hungarian matching; cross-entropy (no-object
+    weight 0.1) + 5·L1 + 2·GIoU on every decoder layer; AdamW, lr 1e-4, backbone 1e-5 (its
+    stem and layer1 frozen), weight decay 1e-4; gradients clipped to norm 0.1; dropout 0.1;
+    learning rates ×0.1 every --lr-drop epochs; random horizontal flips. After every epoch:
+    the validation split's box AP (as `analyze ap` scores it), best.safetensors (the highest
+    AP), last.pth (the official checkpoint layout, for --resume) and a line of metrics.jsonl.
+    Both checkpoints load with --weights PATH wherever a DETR is built. Reads COCO folders and
+    the synthetic source (not webdataset shards).
+    """
+    from invcache.cli.display import TrainDisplay
+    from invcache.distributed import process_group
+    from invcache.training.detr import train_detr
+
+    settings = DetrTrainSettings(
+        model=model_name, weights=weights, source=source, coco_root=coco_root, workspace=root, split=split,
+        val_split=val_split, size=size, epochs=epochs, lr_drop=lr_drop, batch_size=batch_size, lr=lr,
+        lr_backbone=lr_backbone, weight_decay=weight_decay, clip_max_norm=clip_max_norm, dropout=dropout, seed=seed,
+        out=out, resume=resume, device=device, amp=amp, num_workers=num_workers, synthetic_images=synthetic_images,
+        synthetic_val_images=synthetic_val_images,
+    )
+    with process_group(dist_timeout) as (rank, _world), TrainDisplay() as display:
+        result = train_detr(settings, progress=display if rank == 0 else None)
+    if rank == 0:
+        console.print(f"detr: {result.steps} steps, best validation AP {result.best_ap:.4f}; checkpoints in "
+                      f"{result.out} (best.safetensors, last.pth)")
+
+
 @cli.group(context_settings={"help_option_names": ["-h", "--help"]})
 def analyze() -> None:
-    """The paper's analyses, read from a cache and trained modules (never DETR); results under <root>/analysis/."""
+    """The paper's analyses, read from a cache and trained modules; results under <root>/analysis/.
+
+    Only the perturbation studies (grayscale, color) run DETR, once, to make caches of the
+    perturbed images beside the evaluation cache; reruns reuse them."""
 
 
 def _analysis_settings(root: Path, cache: str | None, modules: str | None, out: str | None, n: int,
@@ -337,10 +466,24 @@ def _show(name: str, results: dict, out: Path) -> None:
     console.print(f"results: {out / 'results.json'}")
 
 
+_STAGE_HELP = "backbone, encoder, decoder, head (comma list) or all."
+_PERTURBED_LAYERS_HELP = ("Taps the perturbed caches hold (comma list, e.g. all) [default: those the chains and AP "
+                          "read].")
+
+
+def _stage_list(text: str) -> list[str]:
+    from invcache.chain import STAGES
+
+    return list(STAGES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _layer_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 @analyze.command("stages")
 @analysis_options
-@click.option("--stage", "stages", default="all", show_default=True,
-              help="backbone, encoder, decoder, head (comma list) or all.")
+@click.option("--stage", "stages", default="all", show_default=True, help=_STAGE_HELP)
 @click.option("--ids", default=None, help="COCO image ids the grid shows (comma list) instead of the first --n.")
 def analyze_stages(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
                    device: str | None, mean_from: str | None, stages: str, ids: str | None) -> None:
@@ -348,7 +491,7 @@ def analyze_stages(root: Path, cache: str | None, modules: str | None, out: str 
     from invcache.analysis import stages as analysis
 
     settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
-    chosen = analysis.STAGES if stages == "all" else [s.strip() for s in stages.split(",") if s.strip()]
+    chosen = _stage_list(stages)
     try:
         id_list = [int(i) for i in ids.split(",")] if ids else None
     except ValueError:
@@ -391,6 +534,50 @@ def analyze_ap(root: Path, cache: str | None, modules: str | None, out: str | No
 
     settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
     _show("ap", analysis.run(settings, annotations=annotations), settings.out_dir(analysis.NAME))
+
+
+@analyze.command("grayscale")
+@analysis_options
+@click.option("--stage", "stages", default="all", show_default=True, help=_STAGE_HELP)
+@click.option("--layers", default=None, help=_PERTURBED_LAYERS_HELP)
+@click.option("--annotations", default=None,
+              help="COCO annotation file for AP [default: the one the cache records, checked by sha256].")
+def analyze_grayscale(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
+                      device: str | None, mean_from: str | None, stages: str, layers: str | None,
+                      annotations: str | None) -> None:
+    """Gray inputs against colour inputs: colourfulness of each stage's reconstructions, MSE, AP.
+
+    Extracts the evaluation images again with --transform grayscale (once; reruns reuse the cache)."""
+    from invcache.analysis import grayscale as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
+    results = analysis.run(settings, stages=_stage_list(stages), layers=_layer_list(layers), annotations=annotations)
+    _show("grayscale", results, settings.out_dir(analysis.NAME))
+
+
+@analyze.command("color")
+@analysis_options
+@click.option("--categories", default=",".join(COLOR_CATEGORIES), show_default=True,
+              help="Category names of the annotations (comma list).")
+@click.option("--min-area", type=click.FloatRange(0, 1, min_open=True), default=COLOR_MIN_AREA, show_default=True,
+              help="An image is selected when one instance of the category (not crowd) covers this share of it.")
+@click.option("--stage", "stages", default="all", show_default=True, help=_STAGE_HELP)
+@click.option("--layers", default=None, help=_PERTURBED_LAYERS_HELP)
+@click.option("--annotations", default=None,
+              help="COCO annotation file (masks, AP) [default: the one the cache records, checked by sha256].")
+def analyze_color(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
+                  device: str | None, mean_from: str | None, categories: str, min_area: float, stages: str,
+                  layers: str | None, annotations: str | None) -> None:
+    """The colour case study: five hue filters on each category's objects against the identity round trip.
+
+    Extracts each category's selected images once per filter (reruns reuse the caches)."""
+    from invcache.analysis import color as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
+    names = [c.strip() for c in categories.split(",") if c.strip()]
+    results = analysis.run(settings, categories=names, min_area=min_area, stages=_stage_list(stages),
+                           layers=_layer_list(layers), annotations=annotations)
+    _show("color", results, settings.out_dir(analysis.NAME))
 
 
 @cli.command("report")

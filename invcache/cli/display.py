@@ -60,7 +60,8 @@ class ExtractBar(_Display):
 
 class TrainDisplay(_Display):
     """``train``: "epoch k/N", a bar over the epoch's steps, samples/s, the running train loss, the
-    whole run's ETA, and one line per finished epoch with its train and validation loss."""
+    whole run's ETA, and one line per finished epoch (``event.summary()``: train loss and validation loss,
+    or validation AP for ``train detr``)."""
 
     def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -81,8 +82,7 @@ class TrainDisplay(_Display):
             self.step = 0
             if self.task is not None:
                 self.progress.update(self.task, eta=self._eta((event.epochs - event.epoch) * self.steps))
-            self.progress.console.print(f"epoch {event.epoch}/{event.epochs}: train loss {_loss(event.train_loss)}, "
-                                        f"validation loss {_loss(event.val_loss)}")
+            self.progress.console.print(event.summary())
             return
         description = f"epoch {event.epoch}/{event.epochs}"
         if self.task is None:
@@ -107,7 +107,3 @@ class TrainDisplay(_Display):
             return "-:--:--"
         seconds = round(steps_left * (now - start) / (done - done_at_start))
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _loss(value: float | None) -> str:
-    return f"{value:.5f}" if value is not None else "n/a"

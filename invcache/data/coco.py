@@ -6,13 +6,15 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from pycocotools.coco import COCO
 
 from invcache.data.preprocess import ImageReadError, failed_sample, load_sample
+from invcache.data.selection import restrict_ids
+from invcache.data.transforms import Transform
 from invcache.errors import UsageError
 from invcache.hashing import file_sha256
 from invcache.settings import DEFAULT_SIZE
@@ -130,16 +132,20 @@ class CocoFolder(torch.utils.data.Dataset):
     """One split of a COCO-format folder, images in ascending id order, resized to ``size``.
 
     Each item is :meth:`Sample.as_dict`: an unreadable image is an item with ``valid`` False
-    and its reason in ``error``, never an exception.
+    and its reason in ``error``, never an exception. ``transforms`` (resolved against
+    :attr:`coco` by :func:`~invcache.data.transforms.resolve_transforms`) perturb each image
+    before the resize; :meth:`restrict` keeps only some of the split's images.
     """
 
     def __init__(
-        self, root: str | os.PathLike, split: str, size: tuple[int, int] = DEFAULT_SIZE, kind: str = "coco"
+        self, root: str | os.PathLike, split: str, size: tuple[int, int] = DEFAULT_SIZE, kind: str = "coco",
+        transforms: Sequence[Transform] = (),
     ) -> None:
         self.root = Path(root)
         self.kind = kind
         self.split = split
         self.size = size
+        self.transforms = tuple(transforms)
         self.annotation_file = annotation_path(root, split)
         self.image_dir = self.root / split
         if not self.annotation_file.is_file():
@@ -148,6 +154,13 @@ class CocoFolder(torch.utils.data.Dataset):
             raise UsageError(f"COCO {split} not found: no image folder {self.image_dir}; {COCO_HELP}")
         self.coco = load_coco(self.annotation_file)
         self.image_ids = sorted(self.coco.getImgIds())
+
+    def restrict(self, image_ids: Iterable[int]) -> None:
+        """Keep only ``image_ids`` (ascending, once each), so that row i is the i-th of them.
+
+        Ids the split does not have are a UsageError naming the first few.
+        """
+        self.image_ids = restrict_ids(self.image_ids, image_ids, self.split)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -159,7 +172,8 @@ class CocoFolder(torch.utils.data.Dataset):
             path = self.image_file(record)
         except ImageReadError as exc:
             return failed_sample(image_id, record, self.size, str(exc)).as_dict()
-        return load_sample(image_id, path, record, self.size).as_dict()
+        annotations = self.coco.imgToAnns.get(image_id, []) if self.transforms else ()
+        return load_sample(image_id, path, record, self.size, self.transforms, annotations).as_dict()
 
     def image_file(self, record: dict) -> Path:
         """The file of an image record: its ``file_name`` under the split folder.

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from invcache.errors import UsageError
+
+if TYPE_CHECKING:  # transforms imports this module (ImageReadError)
+    from invcache.data.transforms import Transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,10 +151,23 @@ def failed_sample(image_id: int, record: dict, size: tuple[int, int], reason: st
     return Sample(image_id, np.zeros((*size, 3), np.uint8), fallback, False, reason)
 
 
-def load_sample(image_id: int, source: str | os.PathLike | bytes, record: dict, size: tuple[int, int]) -> Sample:
-    """Decode and resize one image; an unreadable one becomes an invalid sample that keeps its reason."""
+def load_sample(
+    image_id: int, source: str | os.PathLike | bytes, record: dict, size: tuple[int, int],
+    transforms: Sequence[Transform] = (), annotations: Sequence[dict] = (),
+) -> Sample:
+    """Decode, perturb and resize one image; an unreadable one becomes an invalid sample that keeps its reason.
+
+    ``transforms`` (SPEC §5) run on the decoded original-size image, where the image's COCO
+    ``annotations`` (their masks) live, before the resize. A transform that cannot be applied
+    (an undecodable mask) fails the image like an unreadable file.
+    """
     try:
         image = decode_image(source)
+        if transforms:
+            pixels = np.asarray(image)
+            for transform in transforms:
+                pixels = transform.apply(pixels, annotations)
+            image = Image.fromarray(pixels, "RGB")
     except ImageReadError as exc:
         return failed_sample(image_id, record, size, str(exc))
     return Sample(image_id, resize_uint8(image, size), (image.height, image.width), True)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ from webdataset.shardlists import expand_urls
 
 from invcache.data.coco import CocoFolder, image_record_problem
 from invcache.data.preprocess import ImageReadError, Sample, failed_sample, load_sample
+from invcache.data.selection import restrict_ids
+from invcache.data.transforms import Transform
 from invcache.errors import InvcacheError, UsageError
 from invcache.settings import DEFAULT_SIZE
 
@@ -110,6 +112,15 @@ def _stream(samples: Iterable[dict], urls: str | list[str]) -> Iterator[dict]:
 
 def image_record(raw: dict) -> dict:
     """The COCO image record in a sample's ``.json``; a malformed one is a one-line UsageError naming the sample."""
+    return sample_metadata(raw)["image"]
+
+
+def sample_metadata(raw: dict) -> dict:
+    """A sample's ``.json``, ``{"image": record, "annotations": [...]}``, its image record checked.
+
+    A malformed one is a one-line UsageError naming the sample. The annotations are checked
+    only by the transforms that read them (an undecodable mask fails that image alone).
+    """
     where = f"webdataset sample {raw.get('__key__')!r} of {raw.get('__url__', 'the stream')}"
     if "json" not in raw:
         raise UsageError(f"{where} has no .json")
@@ -123,7 +134,7 @@ def image_record(raw: dict) -> dict:
     problem = image_record_problem(meta["image"], "its image record")
     if problem:
         raise UsageError(f"{where}: {problem}")
-    return meta["image"]
+    return meta
 
 
 def _every_node(urls):
@@ -131,12 +142,17 @@ def _every_node(urls):
 
 
 class WdsImages(torch.utils.data.IterableDataset):
-    """Images streamed from webdataset shards, in shard order; DataLoader workers split the shards."""
+    """Images streamed from webdataset shards, in shard order; DataLoader workers split the shards.
 
-    def __init__(self, urls: str | list[str], size: tuple[int, int] = DEFAULT_SIZE) -> None:
+    ``transforms`` perturb each image before the resize, with the annotations of its ``.json``.
+    """
+
+    def __init__(self, urls: str | list[str], size: tuple[int, int] = DEFAULT_SIZE,
+                 transforms: Sequence[Transform] = ()) -> None:
         check_shards(urls)
         self.urls = urls
         self.size = size
+        self.transforms = tuple(transforms)
 
     def samples(self) -> Iterator[Sample]:
         stream = wds.WebDataset(
@@ -146,13 +162,15 @@ class WdsImages(torch.utils.data.IterableDataset):
         # The image is the sample's .jpg bytes, never a file its key or .json names: a shard
         # cannot make the reader open anything outside it.
         for raw in _stream(stream, self.urls):
-            record = image_record(raw)
+            meta = sample_metadata(raw)
+            record = meta["image"]
             if not self._keep(record):
                 continue
             if "jpg" not in raw:
                 yield failed_sample(record["id"], record, self.size, f"no .jpg in webdataset sample {raw['__key__']}")
                 continue
-            yield load_sample(record["id"], raw["jpg"], record, self.size)
+            annotations = (meta.get("annotations") or ()) if self.transforms else ()
+            yield load_sample(record["id"], raw["jpg"], record, self.size, self.transforms, annotations)
 
     def _keep(self, record: dict) -> bool:
         return True
@@ -166,12 +184,15 @@ class WdsSplit:
 
     A first pass reads only the ``.json`` members to learn the ids (which must ascend, as
     :func:`coco_to_wds` writes them); :meth:`iter_rows` then decodes just the rows asked for,
-    DataLoader workers splitting the tar shards.
+    DataLoader workers splitting the tar shards. ``transforms`` perturb each image before the
+    resize; :meth:`restrict` keeps only some of the split's images.
     """
 
-    def __init__(self, urls: str | list[str], split: str, size: tuple[int, int] = DEFAULT_SIZE) -> None:
+    def __init__(self, urls: str | list[str], split: str, size: tuple[int, int] = DEFAULT_SIZE,
+                 transforms: Sequence[Transform] = ()) -> None:
         check_shards(urls)
         self.urls, self.split, self.size = urls, split, size
+        self.transforms = tuple(transforms)
         stream = wds.WebDataset(
             urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=None, empty_check=False,
             select_files=lambda name: name.endswith(".json"),
@@ -183,6 +204,14 @@ class WdsSplit:
             raise UsageError(
                 f"webdataset {urls}: image ids must be unique and ascending, as `invcache to-wds` writes them"
             )
+
+    def restrict(self, image_ids: Iterable[int]) -> None:
+        """Keep only ``image_ids`` (ascending, once each), so that row i is the i-th of them.
+
+        Ids the shards do not hold are a UsageError naming the first few. The source record
+        still describes every shard's metadata: the cache records which ids it holds.
+        """
+        self.image_ids = restrict_ids(self.image_ids, image_ids, self.split)
 
     def source_record(self) -> dict:
         digest = hashlib.sha256()
@@ -197,7 +226,8 @@ class WdsSplit:
         row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
         wanted = {self.image_ids[r] for r in rows}
         loader = torch.utils.data.DataLoader(
-            _SelectedImages(self.urls, self.size, wanted), batch_size=batch_size, num_workers=num_workers,
+            _SelectedImages(self.urls, self.size, wanted, self.transforms), batch_size=batch_size,
+            num_workers=num_workers,
         )
         for batch in loader:
             batch["row"] = torch.as_tensor([row_of[int(i)] for i in batch["image_id"]])
@@ -205,8 +235,8 @@ class WdsSplit:
 
 
 class _SelectedImages(WdsImages):
-    def __init__(self, urls, size, wanted: set[int]) -> None:
-        super().__init__(urls, size)
+    def __init__(self, urls, size, wanted: set[int], transforms: Sequence[Transform]) -> None:
+        super().__init__(urls, size, transforms)
         self.wanted = wanted
 
     def _keep(self, record: dict) -> bool:

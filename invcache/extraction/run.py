@@ -37,7 +37,9 @@ from invcache.cache.lock import writer_lock
 from invcache.cache.provenance import resume_differences
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
+from invcache.data.coco import CocoFolder
 from invcache.data.preprocess import check_size
+from invcache.data.transforms import parse_transform, resolve_transforms
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
@@ -90,6 +92,11 @@ def extract(
     taps = config.select_taps(settings.layers)
     # rank 0 first: a synthetic split is generated once, by one process
     dataset = rank0_first(lambda: _open_source(settings), lambda: _open_source(settings), rank, world)
+    if settings.ids is not None:
+        dataset.restrict(settings.ids)  # the dataset's rows stay the cache's rows
+    # checked against the annotations before the model is built; webdataset shards name no category
+    transforms = resolve_transforms(settings.transforms, dataset.coco if isinstance(dataset, CocoFolder) else None)
+    dataset.transforms = transforms
     image_ids = dataset.image_ids[: settings.limit] if settings.limit else list(dataset.image_ids)
     if not image_ids:
         raise UsageError(f"no images in {settings.split}")
@@ -100,7 +107,7 @@ def extract(
     attributes = {
         "model": model.fingerprint,
         "preprocessing": preprocessing_record(settings.size),
-        "perturbation": None,
+        "perturbation": [t.record() for t in transforms] or None,
         "source": {**dataset.source_record(), "images": len(image_ids)},
         "taps": taps,
         "shard_size": shard_size,
@@ -184,6 +191,10 @@ def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
 
 def _validate(settings: ExtractSettings) -> None:
     check_size(settings.size)
+    if isinstance(settings.transforms, str):
+        raise UsageError(f"transforms is a sequence of transforms, e.g. ({settings.transforms!r},)")
+    for text in settings.transforms:
+        parse_transform(text)  # the syntax, before any source is opened
     if settings.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
     if settings.batch_size < 1:
@@ -243,11 +254,15 @@ def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict
     num_images, shard_size = attributes["source"]["images"], attributes["shard_size"]
     if found == "ready" and not settings.overwrite:
         cache = Cache.open(location, mode="r+")
-        diffs = resume_differences(cache.attrs, attributes)
+        diffs = _resume_differences(cache.attrs, attributes)
         if diffs:
+            # other images in the same place usually mean another cache, not a replacement
+            other = "choose another --out for these images, or " if (
+                cache.attrs.get("perturbation") != attributes["perturbation"]
+                or cache.attrs.get("image_ids_sha256") != attributes["image_ids_sha256"]) else ""
             raise InvcacheError(
                 f"the cache at {location} was made with other settings ({'; '.join(diffs)}); "
-                "pass --overwrite to replace it"
+                f"{other}pass --overwrite to replace it"
             )
         _remove_partial_files(location)
         remaining = cache.rows_in(np.flatnonzero(~cache.complete_shards()))
@@ -265,6 +280,27 @@ def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict
         "state": "ready", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
     })
     return cache
+
+
+def _resume_differences(existing: dict, new: dict) -> list[str]:
+    """What differs between a cache's settings and this run's; perturbations named by their transforms.
+
+    ``perturbation: none -> hue:red@stop sign`` says more than the records themselves.
+    """
+    diffs = resume_differences(existing, new)
+    before, after = existing.get("perturbation"), new.get("perturbation")
+    if before == after:
+        return diffs
+    return [d for d in diffs if not d.startswith("perturbation")] + [
+        f"perturbation: {_transforms_text(before)} -> {_transforms_text(after)}"]
+
+
+def _transforms_text(records: object) -> str:
+    if not records:
+        return "none"
+    if not isinstance(records, list):
+        return repr(records)
+    return ", ".join(str(r.get("text")) if isinstance(r, dict) else repr(r) for r in records)
 
 
 def _remove_partial_files(location: str) -> None:

@@ -13,7 +13,9 @@ from invcache.models.weights import load_weights, read_checkpoint, weights_sha25
 def build_detr(name: str = "detr-r50", weights: str = "official", device: str | torch.device = "cpu") -> DETR:
     """A frozen DETR in eval mode, e.g. ``build_detr("detr-tiny", "random:0")``.
 
-    ``weights``: ``official``, ``random[:SEED]``, or the path of an official or HF checkpoint.
+    ``weights``: ``official``, ``random[:SEED]``, the name of weights shipped with invcache (``demo``:
+    a detr-tiny trained on the synthetic shapes, :data:`invcache.models.weights.EMBEDDED_WEIGHTS`), or the
+    path of an official or HF checkpoint (what ``invcache train detr`` writes is one).
     ``model.fingerprint`` identifies config and weights; caches record it.
     """
     config = get_config(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -12,6 +13,24 @@ from invcache.models.backbone import Backbone
 from invcache.models.config import DetrConfig
 from invcache.models.position import sine_position_encoding
 from invcache.models.transformer import Transformer
+
+
+class DetrPredictions(TypedDict):
+    """One decoder layer's predictions, under the official DETR's names.
+
+    ``pred_logits`` (B, Q, num_classes + 1), the last class being no-object; ``pred_boxes``
+    (B, Q, 4), sigmoid (cx, cy, w, h) normalized to the image.
+    """
+
+    pred_logits: torch.Tensor
+    pred_boxes: torch.Tensor
+
+
+class DetrOutputs(DetrPredictions, total=False):
+    """The official ``DETR.forward`` result with ``aux_loss=True``: the last layer's predictions and,
+    in ``aux_outputs``, those of decoder layers 1..L-1 (in order), which the auxiliary losses read."""
+
+    aux_outputs: list[DetrPredictions]
 
 
 class MLP(nn.Module):
@@ -108,3 +127,20 @@ class DETR(nn.Module):
             if T.HEAD_BOXES in wanted:
                 out[T.HEAD_BOXES] = self.bbox_embed(embedding).sigmoid()
         return out
+
+    def detection_outputs(self, images: torch.Tensor) -> DetrOutputs:
+        """Predictions of every decoder layer for DETR's detection loss (:mod:`invcache.models.loss`).
+
+        The official DETR's training output (``aux_loss=True``): the class and box heads applied
+        to each decoder layer's output after the decoder's final LayerNorm (the taps ``dec.1..dec.L``),
+        the normed state never being fed back into the next layer. Built on the tap forward, with
+        the heads applied layer by layer (the official code applies them to the stacked layers,
+        the same arithmetic), so ``pred_logits``/``pred_boxes`` are bitwise the ``head.*`` taps;
+        gradients flow through it.
+        """
+        layers = self.config.num_decoder_layers
+        taps = self(images, [T.dec(k) for k in range(1, layers + 1)])
+        predictions = [DetrPredictions(pred_logits=self.class_embed(taps[T.dec(k)]),
+                                       pred_boxes=self.bbox_embed(taps[T.dec(k)]).sigmoid())
+                       for k in range(1, layers + 1)]
+        return DetrOutputs(**predictions[-1], aux_outputs=predictions[:-1])

@@ -1,4 +1,5 @@
-"""Where DETR's weights come from: official checkpoints, HF checkpoints, the published files, or a seed.
+"""Where DETR's weights come from: official checkpoints, HF checkpoints, the published files, the
+weights shipped with invcache (:data:`EMBEDDED_WEIGHTS`), or a seed.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors, never with
 unrestricted pickle, and always loaded strictly.
@@ -10,6 +11,7 @@ import hashlib
 import os
 import pickle
 import urllib.error
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +32,38 @@ OFFICIAL_FILES = {
     "detr-r101-dc5": "detr-r101-dc5-a2e86def.pth",
 }
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class EmbeddedWeights:
+    """Weights shipped inside the package, loaded by name (``--weights demo``).
+
+    ``file`` lies in :data:`EMBEDDED_DIR`; its sha256 must be ``sha256``, so an altered or
+    truncated file is refused rather than loaded; ``command`` is the one command that trains
+    the file again (its result is deterministic on one device and torch version; elsewhere
+    it is equivalent, and then ``sha256`` is updated with the file).
+    """
+
+    model: str  # the named config the weights fit
+    file: str
+    sha256: str
+    command: str
+
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+EMBEDDED_WEIGHTS: dict[str, EmbeddedWeights] = {
+    # detr-tiny trained on the synthetic shapes at the demo's size (pipelines/demo.py: 128x160), so the demo
+    # and the tests show real detections. ``best.safetensors`` of the run (best validation AP), copied to
+    # ``file``; ``sha256`` is recorded when the file is committed (until then ``--weights demo`` is refused).
+    "demo": EmbeddedWeights(
+        model="detr-tiny",
+        file="detr-tiny-demo.safetensors",
+        sha256="",
+        command=("invcache train detr --model detr-tiny --weights random:0 --source synthetic --split shapes-train "
+                 "--synthetic-images 8192 --val-split shapes-val --synthetic-val-images 512 --size 128x160 "
+                 "--epochs 50 --lr-drop 40 --batch-size 32 --lr 2e-4 --lr-backbone 2e-5 --root invcache-runs/demo-detr"),
+    ),
+}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -178,11 +212,37 @@ def load_weights(model: DETR, weights: str) -> str:
         path = official_checkpoint_path(model.config)
         load_state_dict_strict(model, read_checkpoint(path), str(path))
         return f"official:{path.name}"
+    if weights in EMBEDDED_WEIGHTS:
+        path = embedded_weights_path(weights, model.config)
+        load_state_dict_strict(model, read_checkpoint(path), str(path))
+        return weights
     path = Path(weights)
     if not path.exists():
-        raise UsageError(f"bad --weights {weights!r}: not 'official', 'random[:SEED]' or an existing path")
+        raise UsageError(f"bad --weights {weights!r}: not 'official', {_embedded_names()}'random[:SEED]' or an "
+                         "existing path")
     load_state_dict_strict(model, read_checkpoint(path), str(path))
     return str(path.resolve())
+
+
+def embedded_weights_path(name: str, config: DetrConfig) -> Path:
+    """The file of the embedded weights ``name``, checked: it fits ``config`` and has its recorded sha256."""
+    entry = EMBEDDED_WEIGHTS[name]
+    if entry.model != config.name:
+        raise UsageError(f"--weights {name} are {entry.model} weights, not {config.name}'s; use --model {entry.model}")
+    path = EMBEDDED_DIR / entry.file
+    if not path.is_file():
+        raise WeightsError(f"the embedded weights {name!r} are missing ({path} is not there; the installed package is "
+                           f"incomplete); reproduce them with: {entry.command}")
+    digest = file_sha256(path)
+    if digest != entry.sha256:
+        raise WeightsError(f"the embedded weights {name!r} ({path}) have the sha256 {digest}, not the recorded "
+                           f"{entry.sha256 or '(none recorded)'}: the file was altered; reinstall invcache or "
+                           f"reproduce it with: {entry.command}")
+    return path
+
+
+def _embedded_names() -> str:
+    return "".join(f"{name!r}, " for name in EMBEDDED_WEIGHTS)
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -58,6 +58,11 @@ class TrainProgress:
     val_loss: float | None = None  # only on the report that ends an epoch
     epoch_done: bool = False
 
+    def summary(self) -> str:
+        """The line the command prints for the report that ends an epoch."""
+        return (f"epoch {self.epoch}/{self.epochs}: train loss {_number(self.train_loss)}, "
+                f"validation loss {_number(self.val_loss)}")
+
 
 @dataclass
 class TrainResult:
@@ -365,6 +370,10 @@ def _mean_across_ranks(total: torch.Tensor, count: int, device: torch.device, wo
         dist.all_reduce(values)
     total_value, count_value = values.tolist()
     return total_value / count_value if count_value else math.nan
+
+
+def _number(value: float | None) -> str:
+    return f"{value:.5f}" if value is not None else "n/a"
 
 
 def _jsonable(settings: dict) -> dict:
