@@ -1,8 +1,9 @@
 """Training steps/s of ``invcache train detr``'s step vs a plain training loop on the same batch (target ≥ 0.9×).
 
-The plain loop is what one writes without invcache: DETR's training forward, the loss, backward,
-gradient clipping and AdamW's step. The trainer's step (:func:`invcache.training.detr.train_step`)
-adds the float32 losses, the grad scaler and the check that the loss is finite on every rank.
+The plain loop is what one writes without invcache: DETR's training forward, the loss (on float32
+predictions: the matcher has no bf16 kernels on CUDA), backward, gradient clipping and AdamW's
+step. The trainer's step (:func:`invcache.training.detr.train_step`) adds the grad scaler and the
+check that the loss is finite on every rank.
 Both start from the same weights, with the same optimizer groups, dropout, autocast and batch;
 they alternate in rounds so that noise from the machine reaches both.
 """
@@ -67,9 +68,13 @@ def main() -> None:
                                         weight_decay=settings.weight_decay)
     plain_parameters = [p for group in plain_optimizer.param_groups for p in group["params"]]
 
+    def as_float(predictions: dict) -> dict:
+        return {"pred_logits": predictions["pred_logits"].float(), "pred_boxes": predictions["pred_boxes"].float()}
+
     def plain_step() -> None:
         with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
             outputs = plain_model.detection_outputs(normalize(images))
+        outputs = {**as_float(outputs), "aux_outputs": [as_float(aux) for aux in outputs["aux_outputs"]]}
         loss = run.criterion.total(run.criterion(outputs, targets))
         plain_optimizer.zero_grad()
         loss.backward()

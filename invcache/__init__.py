@@ -10,8 +10,9 @@ The public API (SPEC §9). Names load on first use, so ``import invcache`` (and
     modules = invcache.load_modules("invcache-runs/modules")
     pixels = invcache.invert(modules, {"enc.6": cache["enc.6"].torch[:8]})
 
-``invcache.extract`` and ``invcache.train`` run what the commands of the same names run, from
-settings dataclasses (``ExtractSettings``, ``TrainSettings``); each analysis is
+``invcache.extract``, ``invcache.train`` and ``invcache.train_detr`` run what ``invcache extract``,
+``invcache train NAME`` and ``invcache train detr`` run, from settings dataclasses (``ExtractSettings``,
+``TrainSettings``, ``DetrTrainSettings``); each analysis is
 ``invcache.analysis.<name>.run(AnalyzeSettings(...))``, what ``invcache analyze NAME`` runs.
 """
 
@@ -29,6 +30,7 @@ _EXPORTS = {
     "Workspace": "invcache.workspace",
     "ExtractSettings": "invcache.settings",
     "TrainSettings": "invcache.settings",
+    "DetrTrainSettings": "invcache.settings",
     "CONFIGS": "invcache.models",
     "DETR": "invcache.models",
     "DetrConfig": "invcache.models",
@@ -42,6 +44,7 @@ _EXPORTS = {
     "train": "invcache.training",
     "TrainResult": "invcache.training",
     "TrainProgress": "invcache.training",
+    "train_detr": "invcache.training.detr",
     "AnalyzeSettings": "invcache.settings",
     "STAGES": "invcache.chain",
     "load_modules": "invcache.chain",
@@ -50,10 +53,10 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "CONFIGS", "DETR", "STAGES", "Cache", "DetrConfig", "ExtractResult", "ExtractSettings", "InvcacheError",
-    "TrainProgress", "TrainResult", "TrainSettings", "UsageError", "WeightsError", "Workspace", "build_detr",
-    "chain_for", "extract", "forward_taps", "get_config", "invert", "load_modules", "open_cache", "train",
-    "AnalyzeSettings",
+    "CONFIGS", "DETR", "STAGES", "Cache", "DetrConfig", "DetrTrainSettings", "ExtractResult", "ExtractSettings",
+    "InvcacheError", "TrainProgress", "TrainResult", "TrainSettings", "UsageError", "WeightsError", "Workspace",
+    "build_detr", "chain_for", "extract", "forward_taps", "get_config", "invert", "load_modules", "open_cache",
+    "train", "train_detr", "AnalyzeSettings",
 ]
 
 

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from invcache.errors import UsageError
-from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace
+from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace, derived_cache
 
 DEFAULT_SIZE = (480, 640)
 DEFAULT_SHARD_SIZE = 256
@@ -24,6 +24,11 @@ DIST_TIMEOUT_S = 7200.0
 # their instances must cover for an image to be selected.
 COLOR_CATEGORIES = ("stop sign", "bear", "apple", "bus")
 COLOR_MIN_AREA = 0.3
+# The λ trade-off (``analyze tradeoff``): the paper's λ values, the epochs of fine-tuning (one is a demo; the
+# authors' code runs 100 at batch size 16) and the authors' Adam learning rate for DETR and for each module.
+TRADEOFF_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TRADEOFF_EPOCHS = 1
+TRADEOFF_LR = 1e-5
 
 
 def _cores() -> int:

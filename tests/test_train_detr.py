@@ -8,20 +8,21 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
-from invcache import build_detr
-from invcache.cli import main
+from invcache import build_detr, forward_taps
+from invcache.cli import main, train_detr_command
 from invcache.data import generate_coco, open_split
 from invcache.data.detection import collate, epoch_indices
 from invcache.errors import InvcacheError, UsageError, WeightsError
 from invcache.hashing import file_sha256
 from invcache.models import weights as weights_module
 from invcache.models.loss import SetCriterion
-from invcache.settings import DetrTrainSettings
+from invcache.settings import DetrTrainSettings, default
 from invcache.training import detr as trainer
 
 SIZE = (64, 96)
@@ -53,8 +54,6 @@ def one_epoch(workspace):
 
 
 def outputs(model, images=IMAGES) -> dict[str, torch.Tensor]:
-    from invcache import forward_taps
-
     return forward_taps(model.eval(), images, ["enc.2", "head.logits", "head.boxes"])
 
 
@@ -157,6 +156,19 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(w
     assert (tmp_path / "run" / "last.pth").read_bytes() == saved
 
 
+def test_an_unreadable_training_image_is_skipped_and_named(tmp_path, caplog):
+    generate_coco(tmp_path / "coco", "train2017", num_images=3, faults=("truncated",))
+    generate_coco(tmp_path / "coco", "val2017", num_images=2)
+    broken = json.loads((tmp_path / "coco" / "annotations" / "instances_train2017.json").read_text())["images"][1]["id"]
+    settings = DetrTrainSettings(model="detr-tiny", coco_root=tmp_path / "coco", size=SIZE, epochs=1, batch_size=1,
+                                 num_workers=0, out=tmp_path / "run")
+    with caplog.at_level("WARNING", logger="invcache"):
+        result = trainer.train_detr(settings)
+    assert result.steps == 2  # its batch was left empty: no step
+    named = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith(f"skipped the unreadable training image {broken}: "), named
+
+
 def test_a_category_outside_the_model_is_one_line_naming_the_image(tmp_path, capsys):
     generate_coco(tmp_path / "coco", "train2017", num_images=3)
     generate_coco(tmp_path / "coco", "val2017", num_images=2)
@@ -173,10 +185,19 @@ def test_a_category_outside_the_model_is_one_line_naming_the_image(tmp_path, cap
     assert errors[0].startswith(f"invcache: error: image {image} ({image:012d}.jpg) in ") and "category 95" in errors[0]
 
 
-def test_options_of_train_detr_must_follow_it(capsys):
+def test_train_detr_is_a_command_of_its_own_under_train(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["train", "detr", "--help"])
+    assert exit_code.value.code == 0 and capsys.readouterr().out.startswith("Usage: invcache train detr [OPTIONS]")
     with pytest.raises(SystemExit) as exit_code:
         main(["train", "--epochs", "2", "detr"])
     assert exit_code.value.code == 2 and "invcache train detr [OPTIONS]" in capsys.readouterr().err
+    options = {p.name: p.default for p in train_detr_command.params}
+    for field in fields(DetrTrainSettings):
+        name = {"model": "model_name", "workspace": "root"}.get(field.name, field.name)
+        if field.name in ("coco_root", "workspace", "size", "log_every"):  # environment-dependent, parsed, API-only
+            continue
+        assert options[name] == default(DetrTrainSettings, field.name), field.name
 
 
 def test_embedded_weights_load_by_name_and_refuse_a_missing_or_altered_file(one_epoch, tmp_path, monkeypatch):

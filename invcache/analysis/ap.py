@@ -64,10 +64,7 @@ def run(settings: AnalyzeSettings | None = None, *, annotations: str | os.PathLi
     require_taps(cache, (HEAD_LOGITS, HEAD_BOXES), "the AP analysis")
     coco, annotation = open_annotations(cache, annotations)
     image_ids = cache.image_ids[rows]
-    unknown = np.setdiff1d(image_ids, coco.getImgIds())
-    if len(unknown):
-        raise UsageError(f"{len(unknown)} image id(s) of {cache.location} (e.g. {int(unknown[0])}) are not in "
-                         f"{annotation['file']}; pass the annotations of its images with --annotations FILE")
+    require_images(coco, image_ids, cache, annotation)
 
     detections = cache_detections(cache, rows, settings.batch_size)
     evaluation = evaluate_bbox(coco, detections, image_ids)
@@ -86,51 +83,62 @@ def run(settings: AnalyzeSettings | None = None, *, annotations: str | os.PathLi
     return results
 
 
-def annotation_record(cache: Cache, annotations: str | os.PathLike | None) -> dict:
+def annotation_record(cache: Cache, annotations: str | os.PathLike | None, option: str = "--annotations") -> dict:
     """The annotation file to evaluate against: ``annotations`` if given, else the one the cache records.
 
     A recorded file must still be there with the sha256 recorded at extraction: other
     annotations would silently give another AP. A file passed explicitly is the user's
     choice; a sha256 other than the recorded one is logged, and kept in the results.
+    ``option`` is the command's option that passes the file, named in the errors.
     """
     source = cache.attrs.get("source") or {}
     recorded_sha = source.get("annotation_sha256") if source.get("annotation_file") else None
     if annotations is not None:
         path = Path(annotations)
         if not path.is_file():
-            raise UsageError(f"no annotation file {path} (--annotations)")
+            raise UsageError(f"no annotation file {path} ({option})")
         sha = file_sha256(path)
         if recorded_sha and sha != recorded_sha:
             log.warning("%s differs from the annotation file %s the cache %s was extracted with (sha256 %s, "
                         "recorded %s)", path, source["annotation_file"], cache.location, sha[:12], recorded_sha[:12])
         return {"file": str(path.resolve()), "sha256": sha, "recorded_file": source.get("annotation_file"),
-                "recorded_sha256": recorded_sha, "from": "--annotations"}
+                "recorded_sha256": recorded_sha, "from": option}
     if not source.get("annotation_file"):
         kind = source.get("kind", "an unknown source")
         raise UsageError(f"the cache {cache.location} was extracted from {kind}, which records no annotation file; "
-                         "pass the COCO annotation file of its images with --annotations FILE")
+                         f"pass the COCO annotation file of its images with {option} FILE")
     path = Path(source["annotation_file"])
     if not path.is_file():
         raise UsageError(f"the annotation file {path} the cache {cache.location} was extracted with is not there any "
-                         "more; pass it with --annotations FILE")
+                         f"more; pass it with {option} FILE")
     sha = file_sha256(path)
     if sha != recorded_sha:
         raise UsageError(f"the annotation file {path} changed since the cache {cache.location} was extracted (sha256 "
-                         f"{sha[:12]}…, recorded {str(recorded_sha)[:12]}…); pass the original with --annotations FILE")
+                         f"{sha[:12]}…, recorded {str(recorded_sha)[:12]}…); pass the original with {option} FILE")
     return {"file": str(path), "sha256": sha, "recorded_file": str(path), "recorded_sha256": recorded_sha,
             "from": "cache"}
 
 
-def open_annotations(cache: Cache, annotations: str | os.PathLike | None) -> tuple[COCO, dict]:
-    """The COCO annotations to evaluate ``cache`` against (:func:`annotation_record`), loaded; bad files are one line."""
-    annotation = annotation_record(cache, annotations)
+def open_annotations(cache: Cache, annotations: str | os.PathLike | None, option: str = "--annotations"
+                     ) -> tuple[COCO, dict]:
+    """The COCO annotations of ``cache``'s images (:func:`annotation_record`), loaded; bad files are one line."""
+    annotation = annotation_record(cache, annotations, option)
     try:
         return load_coco(annotation["file"]), annotation
     except UsageError as exc:  # load_coco names the file and what is wrong with it
-        raise UsageError(f"{exc}; pass the right one with --annotations FILE") from None
+        raise UsageError(f"{exc}; pass the right one with {option} FILE") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:  # what pycocotools itself may still raise
         raise UsageError(f"{annotation['file']} is not a COCO annotation file ({type(exc).__name__}: {exc}); "
-                         "pass the right one with --annotations FILE") from None
+                         f"pass the right one with {option} FILE") from None
+
+
+def require_images(coco: COCO, image_ids: Sequence[int] | np.ndarray, cache: Cache, annotation: dict,
+                   option: str = "--annotations") -> None:
+    """Refuse annotations that lack one of ``image_ids`` (the images to score or train on), naming ``option``."""
+    unknown = np.setdiff1d(image_ids, coco.getImgIds())
+    if len(unknown):
+        raise UsageError(f"{len(unknown)} image id(s) of {cache.location} (e.g. {int(unknown[0])}) are not in "
+                         f"{annotation['file']}; pass the annotations of its images with {option} FILE")
 
 
 def cache_detections(cache: Cache, rows: np.ndarray, batch_size: int) -> list[dict]:

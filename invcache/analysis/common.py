@@ -175,6 +175,13 @@ def mean_ci(values: Sequence[float] | np.ndarray) -> dict:
     return {"mean": mean, "ci95": half, "n": n}
 
 
+def recorded_weights(cache: Cache) -> str:
+    """The ``--weights`` value that builds the DETR ``cache`` was made with again: its recorded weights source, where
+    a published file, recorded as ``official:<file>``, is ``official``."""
+    weights = cache.attrs["model"]["weights"]
+    return "official" if weights.startswith("official:") else weights
+
+
 def provenance(cache: Cache, modules: Mapping[str, LoadedModule] | None = None) -> dict:
     """What an analysis read: the cache's model, preprocessing, perturbation, source and dates; each module's run."""
     attrs = cache.attrs

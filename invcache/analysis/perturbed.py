@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from invcache.analysis.common import batches
+from invcache.analysis.common import batches, recorded_weights
 from invcache.cache.store import Cache
 from invcache.chain import STAGE_CHAINS, LoadedModule, invert
 from invcache.data.preprocess import unit_images
@@ -69,11 +69,11 @@ def like(cache: Cache, *, transforms: tuple[str, ...], ids: tuple[int, ...], lay
     else:
         raise UsageError(f"the cache {cache.location} records no source it can be extracted again from")
     return ExtractSettings(
-        split=source["split"], layers=layers, out=out, model=model["model"], weights=model["weights"],
+        split=source["split"], layers=layers, out=out, model=model["model"], weights=recorded_weights(cache),
         size=tuple(attrs["preprocessing"]["size"]), batch_size=settings.batch_size,
         num_workers=min(2, int(recorded.get("num_workers", 0) or 0)), device=settings.device,
-        amp=recorded.get("amp"), shard_size=int(attrs["shard_size"]), keepbits=(attrs.get("codec") or {}).get("keepbits"),
-        transforms=transforms, ids=ids, **where,
+        amp=recorded.get("amp"), shard_size=int(attrs["shard_size"]),
+        keepbits=(attrs.get("codec") or {}).get("keepbits"), transforms=transforms, ids=ids, **where,
     )
 
 

@@ -31,6 +31,9 @@ from invcache.errors import InvcacheError, UsageError
 from invcache.settings import (
     COLOR_CATEGORIES,
     COLOR_MIN_AREA,
+    TRADEOFF_EPOCHS,
+    TRADEOFF_LAMBDAS,
+    TRADEOFF_LR,
     AnalyzeSettings,
     DetrTrainSettings,
     ExtractSettings,
@@ -398,7 +401,8 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
 @click.option("--seed", type=int, default=default(DetrTrainSettings, "seed"), show_default=True,
               help="Data order, flips and dropout (the initial weights come from --weights).")
 @click.option("--out", default=default(DetrTrainSettings, "out"), help="Run folder [default: <root>/detr/MODEL].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pth.")
+@click.option("--resume", is_flag=True, default=default(DetrTrainSettings, "resume"),
+              help="Continue the run in --out from its last.pth.")
 @click.option("--num-workers", type=click.IntRange(0), default=default(DetrTrainSettings, "num_workers"),
               show_default=True, help="DataLoader processes decoding and resizing images.")
 @device_option
@@ -444,7 +448,8 @@ def analyze() -> None:
     """The paper's analyses, read from a cache and trained modules; results under <root>/analysis/.
 
     Only the perturbation studies (grayscale, color) run DETR, once, to make caches of the
-    perturbed images beside the evaluation cache; reruns reuse them."""
+    perturbed images beside the evaluation cache; reruns reuse them. tradeoff fine-tunes DETR,
+    so it reads the caches' images, not their activations."""
 
 
 def _analysis_settings(root: Path, cache: str | None, modules: str | None, out: str | None, n: int,
@@ -578,6 +583,42 @@ def analyze_color(root: Path, cache: str | None, modules: str | None, out: str |
     results = analysis.run(settings, categories=names, min_area=min_area, stages=_stage_list(stages),
                            layers=_layer_list(layers), annotations=annotations)
     _show("color", results, settings.out_dir(analysis.NAME))
+
+
+@analyze.command("tradeoff")
+@analysis_options
+@click.option("--lambdas", default=",".join(f"{lam:g}" for lam in TRADEOFF_LAMBDAS), show_default=True,
+              help="Weights λ of the reconstruction loss, in [0, 1] (comma list): one fine-tuning run each.")
+@click.option("--epochs", type=click.IntRange(1), default=TRADEOFF_EPOCHS, show_default=True,
+              help="Epochs of fine-tuning per λ (the authors' code: 100, with --batch-size 16).")
+@click.option("--train-cache", default=None,
+              help="Cache whose images fine-tune [default: <root>/cache/train2017].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=TRADEOFF_LR, show_default=True,
+              help="Adam's learning rate for DETR and for each module.")
+@click.option("--annotations", default=None,
+              help="COCO annotation file of the evaluation images [default: the one the cache records].")
+@click.option("--train-annotations", default=None,
+              help="COCO annotation file of the training images [default: the one the training cache records].")
+def analyze_tradeoff(root: Path, cache: str | None, modules: str | None, out: str | None, n: int, batch_size: int,
+                     device: str | None, mean_from: str | None, lambdas: str, epochs: int, train_cache: str | None,
+                     lr: float, annotations: str | None, train_annotations: str | None) -> None:
+    """Fine-tune DETR with D⁻¹, E⁻¹, B⁻¹ on (1-λ)·L_det + λ·L_rec for each λ: AP and decoder-chain MSE against λ.
+
+    Starts from the DETR the evaluation cache was made with and the trained modules, with the
+    authors' settings (Adam, gradients clipped to norm 0.1). Fine-tuning changes DETR, so it
+    reads images (the caches' stored input) and annotations, never cached activations, and runs
+    DETR on every step. Each λ's run (checkpoints, resumed by a rerun; a finished one is only
+    evaluated) goes to <out>/runs/lambda-<λ>/. --batch-size is the fine-tuning batch too."""
+    from invcache.analysis import tradeoff as analysis
+
+    settings = _analysis_settings(root, cache, modules, out, n, batch_size, device, mean_from)
+    try:
+        values = [float(v) for v in lambdas.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"bad --lambdas {lambdas!r}: expected a comma list of numbers in [0, 1]") from None
+    results = analysis.run(settings, lambdas=values, epochs=epochs, train_cache=train_cache, lr=lr,
+                           annotations=annotations, train_annotations=train_annotations)
+    _show("tradeoff", results, settings.out_dir(analysis.NAME))
 
 
 @cli.command("report")

@@ -55,14 +55,16 @@ class HungarianMatcher(nn.Module):
         blocks; building just those blocks gives the same assignments at a cost linear in the
         batch instead of quadratic (at batch 128 on a GPU the full matrix took 86% of a step).
         """
-        probs = outputs["pred_logits"].softmax(-1)
-        corners = box_convert(outputs["pred_boxes"], "cxcywh", "xyxy")
+        # float32: costs decide an assignment, and cdist has no bfloat16 kernel on CUDA (autocast gives bf16)
+        probs = outputs["pred_logits"].float().softmax(-1)
+        boxes = outputs["pred_boxes"].float()
+        corners = box_convert(boxes, "cxcywh", "xyxy")
         blocks = []
         for image, target in enumerate(targets):
             # −p(class) rather than −log p: the official approximation; the constant 1 of 1 − p is dropped.
             cost_class = -probs[image][:, target["labels"]]
-            cost_bbox = torch.cdist(outputs["pred_boxes"][image], target["boxes"], p=1)
-            cost_giou = -generalized_box_iou(corners[image], box_convert(target["boxes"], "cxcywh", "xyxy"))
+            cost_bbox = torch.cdist(boxes[image], target["boxes"].float(), p=1)
+            cost_giou = -generalized_box_iou(corners[image], box_convert(target["boxes"].float(), "cxcywh", "xyxy"))
             blocks.append(self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou)
         sizes = [len(t["boxes"]) for t in targets]
         costs = torch.cat(blocks, dim=1).cpu().split(sizes, dim=1)  # one device-to-host copy for the batch

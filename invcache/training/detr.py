@@ -234,7 +234,7 @@ def train_step(model: nn.Module, criterion: SetCriterion, optimizer: torch.optim
     losses = criterion(_as_float(outputs), targets)
     loss = criterion.total(losses)
     if not _finite_on_every_rank(loss):
-        raise NonFiniteLoss(f"the loss is {loss.item()}")
+        raise NonFiniteLoss("the loss is not finite")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_max_norm > 0:
@@ -423,10 +423,11 @@ def _every_rank_has_images(batch: dict, run: DetrRun) -> bool:
     A step without images cannot run the loss; under DDP every rank must take the same steps (each
     backward all-reduces the gradients), so the ranks agree through one small collective per step.
     """
-    count = torch.tensor(len(batch["image_id"]), device=run.device)
-    if run.world > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MIN)
-    return bool(count.item())
+    if run.world == 1:
+        return bool(batch["image_id"])
+    has_images = torch.tensor(float(bool(batch["image_id"])), device=run.device)
+    dist.all_reduce(has_images, op=dist.ReduceOp.MIN)
+    return bool(has_images.item())
 
 
 def _finite_on_every_rank(loss: torch.Tensor) -> bool:
