@@ -11,6 +11,7 @@ import zarr
 
 from invcache.analysis import ap, tradeoff
 from invcache.analysis.report import build_report
+from invcache.cache.store import Cache
 from invcache.chain import load_modules
 from invcache.cli import main
 from invcache.errors import UsageError
@@ -129,7 +130,7 @@ def test_a_rerun_trains_nothing_and_more_epochs_continue_the_run(root, results, 
         tradeoff.run(settings(root), lambdas=(1,), epochs=2, lr=0.03)
 
 
-def test_refusals_are_one_line_usage_errors(root, tmp_path, capsys):
+def test_refusals_are_one_line_usage_errors(root, tmp_path, capsys, monkeypatch):
     for args, needle in [(["--lambdas", "0,1.5"], "λ 1.5 is outside [0, 1]"),
                          (["--lambdas", "0,x"], "bad --lambdas '0,x'"),
                          (["--epochs", "0"], "Invalid value for '--epochs'")]:
@@ -148,4 +149,8 @@ def test_refusals_are_one_line_usage_errors(root, tmp_path, capsys):
     (tmp_path / "m" / "backbone-inv").mkdir(parents=True)
     with pytest.raises(UsageError, match="no trained backbone-inv, decoder-inv, encoder-inv"):
         tradeoff.run(settings(root, modules=tmp_path / "m", out=tmp_path / "o"))
+    stored = Cache.taps.fget
+    monkeypatch.setattr(Cache, "taps", property(lambda cache: [t for t in stored(cache) if t != "input"]))
+    with pytest.raises(UsageError, match="lacks the taps input that the trade-off analysis needs"):
+        tradeoff.run(out)
     assert not (tmp_path / "o").exists()
