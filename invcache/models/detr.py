@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TypedDict
 
 import torch
@@ -138,9 +138,12 @@ class DETR(nn.Module):
         the same arithmetic), so ``pred_logits``/``pred_boxes`` are bitwise the ``head.*`` taps;
         gradients flow through it.
         """
-        layers = self.config.num_decoder_layers
-        taps = self(images, [T.dec(k) for k in range(1, layers + 1)])
+        return self.predictions(self(images, [T.dec(k) for k in range(1, self.config.num_decoder_layers + 1)]))
+
+    def predictions(self, taps: Mapping[str, torch.Tensor]) -> DetrOutputs:
+        """:meth:`detection_outputs` from the taps ``dec.1..dec.L`` of a forward already run (a caller that
+        also needs a decoder embedding, such as the trade-off fine-tuning, runs one forward for both)."""
         predictions = [DetrPredictions(pred_logits=self.class_embed(taps[T.dec(k)]),
                                        pred_boxes=self.bbox_embed(taps[T.dec(k)]).sigmoid())
-                       for k in range(1, layers + 1)]
+                       for k in range(1, self.config.num_decoder_layers + 1)]
         return DetrOutputs(**predictions[-1], aux_outputs=predictions[:-1])

@@ -192,7 +192,7 @@ def prepare(settings: DetrTrainSettings) -> DetrRun:
     # default initialisation, overwritten by the weights, must not draw from the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         model = build_detr(settings.model, str(last) if resuming else settings.weights, device)
-    _make_trainable(model, settings)
+    make_trainable(model, train_backbone=settings.lr_backbone > 0)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr_backbone), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     amp = resolve_amp(settings.amp, device)
@@ -365,15 +365,15 @@ def _has_ground_truth(images: CocoFolder) -> bool:
     return any(not a.get("iscrowd", 0) for i in images.image_ids for a in images.coco.imgToAnns.get(i, []))
 
 
-def _make_trainable(model: DETR, settings: DetrTrainSettings) -> None:
+def make_trainable(model: DETR, train_backbone: bool) -> None:
     """Unfreeze what the official DETR trains and switch to training mode.
 
-    The official code trains the backbone's ``layer2``–``layer4`` only (and none of it when
-    ``lr_backbone`` is 0); its batch norms are frozen statistics, not parameters.
+    The official code trains the backbone's ``layer2``–``layer4`` only (and none of it with
+    ``train_backbone`` False, i.e. ``lr_backbone`` 0); its batch norms are frozen statistics, not parameters.
     """
     model.requires_grad_(True)
     for name, parameter in model.backbone.named_parameters():
-        if settings.lr_backbone == 0 or not any(f".layer{k}." in name for k in (2, 3, 4)):
+        if not train_backbone or not any(f".layer{k}." in name for k in (2, 3, 4)):
             parameter.requires_grad_(False)
     model.train()
 
