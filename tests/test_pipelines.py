@@ -71,6 +71,8 @@ def test_the_demo_runs_every_analysis_and_a_rerun_resumes_instead_of_redoing(tmp
     for name in ("stages", "inter-layer", "onehot", "ap", "grayscale"):
         assert json.loads((root / "analysis" / name / "results.json").read_text())["images"] == 4, name
     assert (root / "analysis" / "color" / "results.json").is_file()
+    page = report.read_text()
+    assert "<h3>grayscale</h3>" in page and "<h3>color</h3>" in page and "val2017+hue-identity@" in page
     metrics = {p: p.read_text() for p in (root / "modules").glob("*/metrics.jsonl")}
     assert len(metrics) == 5
     lines.clear()
