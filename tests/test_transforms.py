@@ -23,7 +23,6 @@ from invcache.data.selection import (
     read_ids_file,
     restrict_ids,
     select_images,
-    write_ids_file,
 )
 from invcache.data.transforms import (
     HUE_TARGETS,
@@ -308,10 +307,10 @@ def test_select_images_agrees_with_decoded_masks_on_the_synthetic_split(syntheti
 
 
 def test_ids_files_round_trip_with_comments_and_bad_lines_are_named(tmp_path):
-    path = write_ids_file(tmp_path / "ids.txt", [139, 285, 632], "colour study: bear\nmin area 0.3")
-    assert path.read_text() == ids_file_text([139, 285, 632], "colour study: bear\nmin area 0.3")
-    assert path.read_text().startswith("# colour study: bear\n# min area 0.3\n139\n")
-    assert read_ids_file(path) == [139, 285, 632] and not list(tmp_path.glob("*.partial"))
+    path = tmp_path / "ids.txt"
+    path.write_text(ids_file_text([139, 285, 632], "colour study: bear\nmin area 0.3"))
+    assert path.read_text() == "# colour study: bear\n# min area 0.3\n139\n285\n632\n"
+    assert read_ids_file(path) == [139, 285, 632]
     (tmp_path / "inline.txt").write_text("  7  # seven\n\n# nothing\n3\n")
     assert read_ids_file(tmp_path / "inline.txt") == [7, 3]
     for text, needle in (("1\n2\nbear\n", "line 3: 'bear' is not an image id"), ("1,2\n", "line 1: '1,2'"),

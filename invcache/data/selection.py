@@ -2,8 +2,8 @@
 
 An ids file (``extract --ids-file``) lists one COCO image id per line; ``#`` starts a comment,
 so a file can say how its ids were chosen. :func:`select_images` chooses the colour study's
-images (SPEC §5); :func:`write_ids_file` keeps the choice, so an extraction of exactly those
-images can be rerun or resumed.
+images (SPEC §5); :func:`ids_file_text` writes the choice down (``analyze color`` keeps it beside
+its results), so an extraction of exactly those images can be rerun or resumed.
 """
 
 from __future__ import annotations
@@ -96,15 +96,6 @@ def ids_file_text(ids: Iterable[int], header: str) -> str:
     """The text of an ids file: ``header`` as ``#`` comment lines, then one id per line, in the order given."""
     comments = "".join(f"# {line}\n" for line in header.splitlines())
     return comments + "".join(f"{int(i)}\n" for i in ids)
-
-
-def write_ids_file(path: str | os.PathLike, ids: Iterable[int], header: str) -> Path:
-    """Write an ids file atomically (a reader sees the old file or the whole new one); return its path."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(ids_file_text(ids, header), encoding="utf-8")
-    os.replace(partial, path)
-    return path
 
 
 def read_ids_file(path: str | os.PathLike) -> list[int]:
