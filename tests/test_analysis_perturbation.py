@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 
 from invcache.analysis import color, grayscale
 from invcache.cli import main
+from invcache.errors import UsageError
 from invcache.models.detr import DETR
 from invcache.settings import AnalyzeSettings
 
@@ -114,12 +115,12 @@ def test_color_selection_and_input_pairwise_mse_match_an_independent_computation
         written = [int(line) for line in (out / results["selection"][category]["file"]).read_text().splitlines()
                    if line.strip() and not line.startswith("#")]
         assert written == expected_ids
-        slug = category.replace(" ", "-")
-        control = zarr.open_group(analysis_workspace / "cache" / f"val2017+hue-identity@{slug}", mode="r")
+        slug, caches = category.replace(" ", "-"), analysis_workspace / "cache"
+        control = zarr.open_group(caches / f"val2017+hue-identity@{slug}+area{MIN_AREA:g}", mode="r")
         assert control["image_id"][:].tolist() == expected_ids
         base = control["input"][:].astype(np.float64) / 255
         for name, variant in (("red", "red"), ("+120", "plus120")):
-            filtered = zarr.open_group(analysis_workspace / "cache" / f"val2017+hue-{variant}@{slug}", mode="r")
+            filtered = zarr.open_group(caches / f"val2017+hue-{variant}@{slug}+area{MIN_AREA:g}", mode="r")
             valid = control["valid"][:] & filtered["valid"][:]
             per_image = ((filtered["input"][:].astype(np.float64) / 255 - base) ** 2).mean(axis=(1, 2, 3))[valid]
             figure = results["pairwise_mse"][f"{category} · {name}"]["input"]
@@ -136,3 +137,21 @@ def test_color_rejects_an_unknown_category_and_a_threshold_that_selects_nothing(
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_a_run_with_fewer_stages_reuses_the_cache_and_too_few_layers_are_refused_up_front(analysis_workspace,
+                                                                                          gray_results, tmp_path):
+    settings = AnalyzeSettings(workspace=analysis_workspace, n=3, batch_size=4, out=tmp_path / "fewer")
+    fewer = grayscale.run(settings, stages=["backbone"])  # a subset of the cached taps: reused, no refusal
+    assert fewer["colourfulness"]["grayscale input"]["input"]["mean"] == 0.0
+    with pytest.raises(UsageError, match="leaves out .*dec.2"):
+        grayscale.run(settings, layers=["input", "enc.0"])
+
+
+def test_another_min_area_gets_its_own_caches(analysis_workspace, color_run, tmp_path):
+    categories, _, _, _ = color_run
+    other = color.run(AnalyzeSettings(workspace=analysis_workspace, n=2, batch_size=4, out=tmp_path / "other"),
+                      categories=categories[:1], min_area=MIN_AREA / 2, stages=["backbone"])
+    slug = categories[0].replace(" ", "-")
+    assert (analysis_workspace / "cache" / f"val2017+hue-red@{slug}+area{MIN_AREA / 2:g}").is_dir()
+    assert other["selection"][categories[0]]["images"] >= 1

@@ -209,7 +209,7 @@ def test_apply_transforms_applies_in_order():
 @pytest.mark.parametrize("text, slug", [
     ("grayscale", "grayscale"), ("hue:red@stop sign", "hue-red@stop-sign"), ("hue:+120@stop sign",
     "hue-plus120@stop-sign"), ("hue:+240@bear", "hue-plus240@bear"), ("hue:identity@apple", "hue-identity@apple"),
-    ("hue:blue@hair drier/x", "hue-blue@hair-drier-x"),
+    ("hue:blue@hair drier/x", "hue-blue@hair-drier-x-747e98b2"),  # a lossy name gets its crc32
 ])
 def test_parse_gives_text_slug_and_record(text, slug):
     transform = parse_transform(text)
@@ -331,3 +331,21 @@ def test_restrict_ids_sorts_dedups_and_names_the_first_missing():
         restrict_ids([1, 5], [1, 2, 3, 4, 6, 7, 8, 10], "val2017")
     with pytest.raises(UsageError, match="no image id"):
         restrict_ids([1, 5], [], "val2017")
+
+
+def test_names_that_clean_to_one_slug_keep_apart_and_a_shared_category_name_is_refused():
+    slugs = {parse_transform(f"hue:red@{name}").slug for name in ("a/b@c:d", "a-b@c-d", "日本", "中国", "a b")}
+    assert len(slugs) == 5
+    coco = COCO()
+    coco.dataset = {"images": [], "annotations": [],
+                    "categories": [{"id": 6, "name": "bus"}, {"id": 99, "name": "bus"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    with pytest.raises(UsageError, match="two categories 'bus' \\(ids 6 and 99\\)"):
+        resolve_transforms(["hue:red@bus"], coco)
+
+
+def test_a_huge_integer_vertex_is_a_recorded_failure_not_a_crash():
+    annotation = {"id": 1, "image_id": 1, "category_id": 6, "iscrowd": 0, "segmentation": [[0, 0, 10 ** 400, 0, 5, 5]]}
+    with pytest.raises(ImageReadError, match="far outside"):
+        category_mask([annotation], 6, 10, 10)

@@ -41,6 +41,7 @@ from invcache.analysis.perturbed import (
     HUE_BINS,
     aligned_rows,
     chain_taps,
+    check_layers,
     colourfulness,
     hue_counts,
     masked_mse,
@@ -50,7 +51,7 @@ from invcache.analysis.perturbed import (
 from invcache.analysis.stages import stage_modules
 from invcache.chain import STAGES
 from invcache.data.selection import ids_file_text, select_images
-from invcache.data.transforms import category_mask, parse_transform
+from invcache.data.transforms import category_ids, category_mask, parse_transform
 from invcache.distributed import resolve_device
 from invcache.errors import UsageError
 from invcache.settings import COLOR_CATEGORIES, COLOR_MIN_AREA, AnalyzeSettings
@@ -84,16 +85,18 @@ def run(settings: AnalyzeSettings | None = None, *, categories: Sequence[str] = 
     coco, annotation = open_annotations(cache, annotations)
     # every category and threshold is checked before the first extraction
     selections = {name: select_images(coco, name, min_area, image_ids=cache.image_ids[rows]) for name in categories}
-    taps = layers or chain_taps(modules, stages)
+    taps = check_layers(cache, layers, chain_taps(modules, stages))
     size = tuple(cache.attrs["preprocessing"]["size"])
     columns = (INPUT, *stages)
     variants = (CONTROL, *FILTERS)
 
     per_image, table, ap, histograms, examples, selection_files = {}, [], {}, {}, {}, {}
     for name, ids in selections.items():
-        category_id = coco.getCatIds(catNms=[name])[0]
+        category_id = category_ids(coco)[name]
         transforms = {v: parse_transform(f"hue:{v}@{name}") for v in variants}
-        caches = {v: perturbed_cache(cache, [t.text], t.slug, ids, taps, settings) for v, t in transforms.items()}
+        # the selection is part of the name: another --min-area selects other images
+        caches = {v: perturbed_cache(cache, [t.text], f"{t.slug}+area{min_area:g}", ids, taps, settings)
+                  for v, t in transforms.items()}
         stage_modules(settings.modules_dir(), stages, caches[CONTROL], device)  # perturbed caches pair with them too
         selection_files[name] = f"selection-{transforms[CONTROL].slug.split('@', 1)[1]}.txt"
         selected = aligned_rows(*caches.values())

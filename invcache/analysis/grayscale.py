@@ -31,6 +31,7 @@ from invcache.analysis.figures import curves, image_grid
 from invcache.analysis.perturbed import (
     aligned_rows,
     chain_taps,
+    check_layers,
     colourfulness,
     masked_mse,
     perturbed_cache,
@@ -64,8 +65,8 @@ def run(settings: AnalyzeSettings | None = None, *, stages: Sequence[str] = STAG
     device = resolve_device(settings.device)
     modules = stage_modules(settings.modules_dir(), stages, cache, device)
     coco, annotation = open_annotations(cache, annotations)
-    gray = perturbed_cache(cache, [TRANSFORM], TRANSFORM, cache.image_ids, layers or chain_taps(modules, stages),
-                           settings)
+    taps = check_layers(cache, layers, chain_taps(modules, stages))
+    gray = perturbed_cache(cache, [TRANSFORM], TRANSFORM, cache.image_ids, taps, settings)
     stage_modules(settings.modules_dir(), stages, gray, device)  # the gray cache pairs with the modules too
     rows = aligned_rows(cache, gray)
     shown = grid_rows(cache, rows, None, settings.n)

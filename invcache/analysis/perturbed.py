@@ -22,8 +22,9 @@ from invcache.cache.store import Cache
 from invcache.chain import STAGE_CHAINS, LoadedModule, invert
 from invcache.data.preprocess import unit_images
 from invcache.data.transforms import rgb_to_hsv
-from invcache.errors import UsageError
+from invcache.errors import InvcacheError, UsageError
 from invcache.extraction import extract
+from invcache.models import get_config
 from invcache.settings import AnalyzeSettings, ExtractSettings
 from invcache.taps import DECODER_INPUT, HEAD_BOXES, HEAD_LOGITS, INPUT
 from invcache.workspace import derived_cache
@@ -41,10 +42,43 @@ def chain_taps(modules: Mapping[str, LoadedModule], stages: Sequence[str]) -> li
 
 def perturbed_cache(cache: Cache, transforms: Sequence[str], label: str, image_ids: Sequence[int],
                     taps: Sequence[str], settings: AnalyzeSettings) -> Cache:
-    """The cache of ``image_ids`` of ``cache``'s split under ``transforms``, made (or resumed, or reused) now."""
-    extract(like(cache, transforms=tuple(transforms), ids=tuple(int(i) for i in image_ids), layers=",".join(taps),
-                 out=str(derived_cache(cache.location, label)), settings=settings))
-    return Cache.open(str(derived_cache(cache.location, label)))
+    """The cache of ``image_ids`` of ``cache``'s split under ``transforms``, made (or resumed, or reused) now.
+
+    A complete cache there of these images and perturbation that holds at least ``taps`` is reused
+    as it is (an analysis run with fewer stages needs a subset of its taps). The perturbation of a
+    ``cache`` that is itself perturbed comes first, so its images stay what they are.
+    """
+    location = str(derived_cache(cache.location, label))
+    chained = tuple(r["text"] for r in cache.attrs.get("perturbation") or []) + tuple(transforms)
+    ids = tuple(int(i) for i in image_ids)
+    if Cache.exists(location):
+        existing = Cache.open(location)
+        texts = tuple(r.get("text") for r in existing.attrs.get("perturbation") or [])
+        if (texts == chained and set(taps) <= set(existing.taps) and existing.complete_shards().all()
+                and np.array_equal(existing.image_ids, ids)):
+            return existing
+    try:
+        extract(like(cache, transforms=chained, ids=ids, layers=",".join(taps), out=location, settings=settings))
+    except InvcacheError as exc:
+        if "made with other settings" not in str(exc):
+            raise
+        # a cache an earlier analysis made for other images or taps: it is derived data, the user decides
+        raise UsageError(f"{location} was made for another run of this analysis (other images, taps or "
+                         f"perturbation); remove that folder and run the analysis again ({exc})") from None
+    return Cache.open(location)
+
+
+def check_layers(cache: Cache, layers: Sequence[str] | None, needed: Sequence[str]) -> list[str]:
+    """The taps a perturbed cache is made with: ``layers`` (names or globs), which must include ``needed``."""
+    if not layers:
+        return list(needed)
+    config = get_config(cache.attrs["model"]["model"])
+    chosen = config.select_taps(",".join(layers))
+    missing = [t for t in needed if t not in chosen]
+    if missing:
+        raise UsageError(f"--layers {','.join(layers)} leaves out {', '.join(missing)}, which the analysis reads; "
+                         "add them (or leave --layers out)")
+    return chosen
 
 
 def like(cache: Cache, *, transforms: tuple[str, ...], ids: tuple[int, ...], layers: str, out: str,

@@ -102,7 +102,7 @@ def read_ids_file(path: str | os.PathLike) -> list[int]:
     """The ids of an ids file, in file order; anything else on a line than an id and a comment is a UsageError."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of an id
     except FileNotFoundError:
         raise UsageError(f"ids file not found: {path}") from None
     except IsADirectoryError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ LUMA_601 = (0.299, 0.587, 0.114)
 POLYGON_MARGIN = 1.0
 
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]+")
+# names whose slug (spaces as "-") reads back unambiguously; any other name gets a checksum in its slug
+_SLUG_PLAIN = re.compile(r"[A-Za-z0-9._]+( [A-Za-z0-9._]+)*")
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,11 @@ class Transform:
         if self.name == GRAYSCALE:
             return GRAYSCALE
         target = str(self.target).replace("+", "plus")
-        category = _SLUG_UNSAFE.sub("-", str(self.category)).strip("-") or "category"
-        return f"{HUE}-{target}@{category}"
+        category = str(self.category)
+        readable = _SLUG_UNSAFE.sub("-", category).strip("-") or "category"
+        if not _SLUG_PLAIN.fullmatch(category):  # the readable name loses something: make it unique
+            readable += f"-{zlib.crc32(category.encode()):08x}"
+        return f"{HUE}-{target}@{readable}"
 
     def record(self) -> dict:
         """What a cache records about this transform (its ``perturbation`` attribute lists these)."""
@@ -150,8 +156,21 @@ def resolve_transforms(texts: Iterable[str], coco: COCO | None) -> tuple[Transfo
 
 
 def category_ids(coco: COCO) -> dict[str, int]:
-    """Category name → id of an annotation file (categories without a name are left out)."""
-    return {c["name"]: c["id"] for c in coco.cats.values() if isinstance(c.get("name"), str)}
+    """Category name → id of an annotation file (categories without a name are left out).
+
+    A name two categories share is refused (one line naming both ids): masks, selection and AP
+    must all mean the same category.
+    """
+    ids: dict[str, int] = {}
+    for category in coco.cats.values():
+        name = category.get("name")
+        if not isinstance(name, str):
+            continue
+        if name in ids and ids[name] != category["id"]:
+            raise UsageError(f"the annotations name two categories {name!r} (ids {ids[name]} and {category['id']}); "
+                             "a category name must say which one")
+        ids[name] = category["id"]
+    return ids
 
 
 def apply_transforms(image: np.ndarray, transforms: Sequence[Transform], annotations: Sequence[dict]) -> np.ndarray:
@@ -285,8 +304,9 @@ def _checked_polygon(polygon: object, height: int, width: int, where: str) -> li
         raise ImageReadError(f"{where}: a polygon of its segmentation has an odd number of coordinates")
     xs, ys = polygon[0::2], polygon[1::2]
     for values, extent in ((xs, width), (ys, height)):
-        if not all(math.isfinite(v) and -POLYGON_MARGIN * extent <= v <= (1 + POLYGON_MARGIN) * extent
-                   for v in values):
+        # compared before any float conversion: a JSON integer may be too large for a float
+        if not all((isinstance(v, int) or math.isfinite(v)) and -POLYGON_MARGIN * extent <= v
+                   <= (1 + POLYGON_MARGIN) * extent for v in values):
             raise ImageReadError(f"{where}: its polygon has a vertex far outside the {height}x{width} image (or not "
                                  "finite)")
     return [float(v) for v in polygon]
