@@ -4,6 +4,7 @@ independently (plain zarr, pycocotools, numpy)."""
 import csv
 import gc
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -155,3 +156,17 @@ def test_another_min_area_gets_its_own_caches(analysis_workspace, color_run, tmp
     slug = categories[0].replace(" ", "-")
     assert (analysis_workspace / "cache" / f"val2017+hue-red@{slug}+area{MIN_AREA / 2:g}").is_dir()
     assert other["selection"][categories[0]]["images"] >= 1
+
+
+def test_a_moved_coco_folder_is_one_line_naming_it(analysis_workspace, tmp_path, capsys):
+    original = zarr.open_group(analysis_workspace / "cache" / "val2017", mode="r")
+    copy = tmp_path / "val2017"
+    shutil.copytree(analysis_workspace / "cache" / "val2017", copy)
+    moved = zarr.open_group(copy, mode="r+")
+    moved.attrs["source"] = {**original.attrs["source"], "root": str(tmp_path / "gone")}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "grayscale", "--root", str(analysis_workspace), "--cache", str(copy), "--out",
+              str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gone" in err and "not there any more" in err, err

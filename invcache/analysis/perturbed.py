@@ -99,6 +99,10 @@ def like(cache: Cache, *, transforms: tuple[str, ...], ids: tuple[int, ...], lay
         where = {"source": "synthetic", "workspace": Path(source["root"]).parent,
                  "synthetic_images": recorded.get("synthetic_images")}
     elif source.get("kind") == "coco":
+        if not Path(source["root"]).is_dir():  # extract's own message would suggest options analyze does not take
+            raise UsageError(f"the COCO folder {source['root']} that {cache.location} was extracted from is not there "
+                             "any more; perturbing means extracting its images again: put the folder back, or extract "
+                             "the evaluation cache again from where it is now")
         where = {"source": "coco", "coco_root": source["root"]}
     else:
         raise UsageError(f"the cache {cache.location} records no source it can be extracted again from")
