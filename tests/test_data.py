@@ -1,6 +1,8 @@
 """COCO folder reading, preprocessing, webdataset shards and the synthetic generator."""
 
+import hashlib
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -212,8 +214,17 @@ def test_webdataset_pattern_of_the_written_shards_reads_them_all(synthetic_root,
     assert pattern == str(tmp_path / "wds" / "coco-val2017-{000000..000002}.tar")
     expected = CocoFolder(synthetic_root, "val2017", SIZE).image_ids
     assert [s["image_id"] for s in WdsImages(pattern, SIZE)] == expected
-    assert WdsSplit(pattern, "val2017", SIZE).image_ids == expected
+    split = WdsSplit(pattern, "val2017", SIZE)
+    assert split.image_ids == expected
     assert shard_pattern(shards[:1]) == str(shards[0])
+    # the metadata digest, hashed as the shards stream: every .json member in shard and member order
+    digest = hashlib.sha256()
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    digest.update(tar.extractfile(member).read())
+    assert split.source_record()["annotation_sha256"] == digest.hexdigest()
 
 
 def test_a_missing_local_shard_is_named_before_streaming(synthetic_root, tmp_path):

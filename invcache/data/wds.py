@@ -197,9 +197,12 @@ class WdsSplit:
             urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=None, empty_check=False,
             select_files=lambda name: name.endswith(".json"),
         )
-        raws = list(_stream(stream, urls))
-        self.image_ids = [image_record(raw)["id"] for raw in raws]
-        self._metadata = [raw["json"] for raw in raws]
+        # hashed as read, not kept: train2017's metadata is hundreds of MB
+        digest, self.image_ids = hashlib.sha256(), []
+        for raw in _stream(stream, urls):
+            self.image_ids.append(image_record(raw)["id"])
+            digest.update(raw["json"])
+        self.annotation_sha256 = digest.hexdigest()
         if self.image_ids != sorted(set(self.image_ids)):
             raise UsageError(
                 f"webdataset {urls}: image ids must be unique and ascending, as `invcache to-wds` writes them"
@@ -214,12 +217,9 @@ class WdsSplit:
         self.image_ids = restrict_ids(self.image_ids, image_ids, self.split)
 
     def source_record(self) -> dict:
-        digest = hashlib.sha256()
-        for meta in self._metadata:
-            digest.update(meta)
         return {
             "kind": "wds", "urls": self.urls, "split": self.split,
-            "annotation_sha256": digest.hexdigest(), "images": len(self.image_ids),
+            "annotation_sha256": self.annotation_sha256, "images": len(self.image_ids),
         }
 
     def iter_rows(self, rows: list[int], batch_size: int, num_workers: int) -> Iterator[dict]:
