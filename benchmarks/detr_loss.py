@@ -4,12 +4,14 @@ One step is what the ``tradeoff`` fine-tuning does for the detection loss: the f
 every decoder layer's predictions, ``SetCriterion`` (one matching per decoder layer), the
 backward, gradient clipping at 0.1 and an AdamW step (the official DETR's settings). The
 matcher's calls inside those steps are timed on their own; the share is their time over the
-steps' time. Every image has ``--targets`` random boxes, the model its 100 queries.
+steps' time. Every image has ``--targets`` random boxes, the model ``--queries`` queries (100, the
+published models'; detr-tiny itself has 10).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -21,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, setup  # noqa: E402
 
 from invcache.data import parse_size  # noqa: E402
-from invcache.models import build_detr  # noqa: E402
+from invcache.models import DETR, get_config  # noqa: E402
 from invcache.models.loss import SetCriterion  # noqa: E402
 from invcache.models.matcher import HungarianMatcher  # noqa: E402
+from invcache.models.weights import randomize  # noqa: E402
 
 
 class TimedMatcher(HungarianMatcher):
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--size", default="128x160")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--targets", type=int, default=20, help="Objects per image.")
+    parser.add_argument("--queries", type=int, default=100, help="Object queries (the model's own config otherwise).")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -67,7 +71,9 @@ def main() -> None:
     setup(args.threads)
     size, device = parse_size(args.size), torch.device(args.device)
 
-    model = build_detr(args.model, "random:0", device=device).requires_grad_(True).train()
+    model = DETR(dataclasses.replace(get_config(args.model), num_queries=args.queries))
+    randomize(model, 0)
+    model = model.to(device).requires_grad_(True).train()
     matcher = TimedMatcher()
     criterion = SetCriterion(model.config.num_classes, matcher).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)

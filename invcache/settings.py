@@ -137,6 +137,7 @@ class DetrTrainSettings:
     batch_size: int = 2
     lr: float = 1e-4
     lr_backbone: float = 1e-5  # 0 freezes the whole backbone
+    full_backbone: bool = False  # train the stem, layer1 and the batch norms too (for a backbone not pretrained)
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1  # 0: no clipping
     dropout: float = 0.1

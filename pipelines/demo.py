@@ -1,6 +1,7 @@
 """The demo (``make demo``): the main job on the embedded default, from the public API only.
 
-Synthetic COCO-format train2017 (256 images) and val2017 (16) → frozen detr-tiny → caches of
+Synthetic COCO-format train2017 (256 images) and val2017 (16) → frozen detr-tiny with the embedded
+default weights (``demo``: trained on the synthetic shapes, pipelines/demo_detr.py) → caches of
 every tap → the inverse modules trained from the caches alone → every analysis → one HTML
 report. A rerun resumes (see ``main_job.py``).
 
@@ -22,7 +23,7 @@ def demo(root: str, *, train_images: int = 256, val_images: int = 16, epochs: in
     """The demo's job; the tests run the same recipe with fewer images and ``epochs``."""
     module_epochs = {"backbone-inv": 40, "encoder-inv": 10, "decoder-inv": 10, "head-inv": 10}  # B⁻¹ learns slowest
     return MainJob(
-        root=root, model="detr-tiny", weights="random:0", size=(128, 160), source="synthetic",
+        root=root, model="detr-tiny", weights="demo", size=(128, 160), source="synthetic",
         split_images={"train2017": train_images, "val2017": val_images},
         epochs={name: epochs or e for name, e in module_epochs.items()}, batch_size=32, width="small",
         shard_size=32, num_workers=num_workers, analysis_batch_size=32,

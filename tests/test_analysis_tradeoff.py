@@ -21,7 +21,7 @@ from invcache.training import checkpoint
 
 MEAN = np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-# A learning rate far above the authors' 1e-5, so that four steps move the tiny random DETR and its modules visibly
+# A learning rate far above the authors' 1e-5, so that four steps move the tiny DETR and its modules visibly
 # (λ = 1 ends about 5% below λ = 0; at 1e-2 it is 13%, but two steps at 1e-2 can overshoot).
 LR = 3e-3
 
@@ -71,7 +71,7 @@ def test_every_output_is_written_and_the_report_shows_it(root, results):
 def test_each_run_holds_a_detr_that_weights_loads_and_modules_that_pair_with_it(root, results):
     folder = root / "analysis" / "tradeoff" / "runs" / "lambda-1"
     detr = build_detr("detr-tiny", str(folder / "detr.pth"))
-    start = build_detr("detr-tiny", "random:0")
+    start = build_detr("detr-tiny", "demo")
     assert detr.fingerprint["weights_sha256"] != start.fingerprint["weights_sha256"]
     modules = load_modules(folder, ["backbone-inv", "encoder-inv", "decoder-inv"])
     for loaded in modules.values():  # paired with the fine-tuned DETR, not with the cache's

@@ -302,9 +302,9 @@ def test_verify_lists_every_problem_not_only_the_first(copy):
     problems = verify_cache(str(copy))
     expected = [
         f"{copy}/dec/1/zarr.json is missing",
-        f"{copy}/dec/2/zarr.json: rows of shape (100, 64), but model.config and preprocessing.size make dec.2 rows",
-        f"{copy}/head/logits/zarr.json: rows of shape (100, 92)",
-        f"{copy}/head/boxes/zarr.json: rows of shape (100, 4)",
+        f"{copy}/dec/2/zarr.json: rows of shape (10, 64), but model.config and preprocessing.size make dec.2 rows",
+        f"{copy}/head/logits/zarr.json: rows of shape (10, 92)",
+        f"{copy}/head/boxes/zarr.json: rows of shape (10, 4)",
         f"{copy}: array enc/1 shard 1 does not verify",
         f"{copy}: array valid shard 2 does not verify (missing chunk valid/c/2",
     ]

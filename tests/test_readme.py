@@ -1,4 +1,4 @@
-"""The README's Python examples run as written (offline: synthetic data, random weights)."""
+"""The README's Python examples run as written (offline: synthetic data, the embedded default weights)."""
 
 import re
 from pathlib import Path

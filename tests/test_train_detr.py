@@ -87,6 +87,54 @@ def test_checkpoints_are_official_and_load_with_weights_path(one_epoch):
                                                                              initial[trained_layer])
 
 
+def test_full_backbone_trains_stem_and_batch_norms_and_saves_the_official_keys(workspace):
+    with pytest.raises(UsageError, match="--full-backbone .* --lr-backbone above 0"):
+        trainer.train_detr(quick(workspace, tag="full-refused", full_backbone=True, lr_backbone=0.0))
+    result = trainer.train_detr(quick(workspace, tag="full", full_backbone=True, lr_backbone=1e-4))
+    initial = build_detr("detr-tiny", "random:0").state_dict()
+    last = torch.load(result.out / "last.pth", weights_only=True)["model"]
+    assert set(last) == set(initial)  # no batch counters: the frozen batch norms' layout
+    for key in ("backbone.0.body.conv1.weight", "backbone.0.body.layer1.0.conv1.weight",
+                "backbone.0.body.bn1.weight", "backbone.0.body.bn1.running_mean",
+                "backbone.0.body.layer4.1.bn2.running_var"):
+        assert not torch.equal(last[key], initial[key]), key
+    # the statistics learned are what a frozen batch norm reads: the returned model, frozen again, and
+    # the checkpoint give the same outputs, and the returned model has no trainable norm left
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
+    expected = outputs(result.model)
+    loaded = outputs(build_detr("detr-tiny", str(result.out / "best.safetensors")))
+    assert all(torch.equal(loaded[tap], expected[tap]) for tap in expected)
+
+
+def test_thawed_batch_norms_normalize_by_batch_statistics_and_freeze_back_exactly():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from invcache.models.backbone import freeze_batch_norms, thaw_batch_norms
+
+    model = build_detr("detr-tiny", "random:3")
+    images = torch.randn(4, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    before = model.backbone(images)
+    thaw_batch_norms(model.backbone)
+    norm = model.backbone[0].body.bn1
+    assert isinstance(norm, torch.nn.BatchNorm2d)
+    assert "backbone.0.body.bn1.num_batches_tracked" not in model.state_dict()
+    assert torch.allclose(model.backbone(images), before, atol=1e-5)  # eval mode: the same statistics
+    model.backbone.train()
+    stem = model.backbone[0].body.conv1(images)
+    normalized = norm(stem)
+    mean, var = stem.mean(dim=(0, 2, 3)), stem.var(dim=(0, 2, 3), unbiased=False)
+    reference = (stem - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5)
+    torch.testing.assert_close(normalized, reference * norm.weight[:, None, None] + norm.bias[:, None, None],
+                               rtol=1e-4, atol=1e-4)
+    statistics = norm.running_mean.clone(), norm.running_var.clone()
+    model.backbone.eval()
+    thawed = model.backbone(images)
+    freeze_batch_norms(model.backbone)
+    assert isinstance(model.backbone[0].body.bn1, FrozenBatchNorm2d)
+    assert torch.equal(model.backbone[0].body.bn1.running_mean, statistics[0])
+    assert torch.allclose(model.backbone(images), thawed, atol=1e-5)
+
+
 def test_resumed_training_ends_where_the_uninterrupted_run_ends(workspace, one_epoch, tmp_path):
     straight = trainer.train_detr(quick(workspace, epochs=2, tag="straight"))
     resumed_dir = tmp_path / "resumed"
@@ -113,6 +161,7 @@ def test_resumed_training_ends_where_the_uninterrupted_run_ends(workspace, one_e
 
 
 def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(workspace, tmp_path):
+    # with the whole backbone training, so the batch norms' statistics (buffers) must agree too
     script = tmp_path / "ddp_detr.py"
     script.write_text(textwrap.dedent(f"""
         import os, torch
@@ -123,7 +172,7 @@ def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(works
             result = train_detr(DetrTrainSettings(
                 model="detr-tiny", source="synthetic", workspace={str(workspace)!r}, split="shapes",
                 synthetic_images=4, val_split="shapes-val", synthetic_val_images=2, size={SIZE!r}, epochs=1,
-                batch_size=2, num_workers=0, out={str(tmp_path / "ddp")!r}))
+                batch_size=2, num_workers=0, out={str(tmp_path / "ddp")!r}, full_backbone=True, lr_backbone=1e-4))
         torch.save(result.model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
     """))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

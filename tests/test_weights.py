@@ -148,3 +148,23 @@ def test_random_weights_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert one == two and torch.get_num_threads() == before
+
+
+def test_random_weights_follow_the_official_initialization_and_leave_the_callers_rng_alone():
+    rng_state = torch.get_rng_state()
+    model = build_detr("detr-r50", "random:5")
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    state = model.state_dict()
+    # the query embedding standard normal (nn.Embedding's default), as the official DETR leaves it
+    assert abs(state["query_embed.weight"].std().item() - 1.0) < 0.05
+    # every matrix of the transformer Xavier-uniform, as the official Transformer._reset_parameters
+    for key in ("transformer.encoder.layers.0.self_attn.in_proj_weight", "transformer.decoder.layers.5.linear1.weight"):
+        fan_out, fan_in = state[key].shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert state[key].abs().max() <= bound and state[key].std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    # torchvision's ResNet initialization: He-normal with the fan-out, unit batch-norm affine
+    conv = state["backbone.0.body.layer3.0.conv2.weight"]
+    assert conv.std().item() == pytest.approx((2 / (conv.shape[0] * conv[0, 0].numel())) ** 0.5, rel=0.05)
+    assert torch.equal(state["backbone.0.body.layer3.0.bn2.weight"], torch.ones(256))
+    # the class head as nn.Linear initializes it: uniform within 1/sqrt(fan_in)
+    assert state["class_embed.weight"].abs().max() <= 256**-0.5

@@ -392,6 +392,9 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
               show_default=True, help="AdamW's learning rate outside the backbone.")
 @click.option("--lr-backbone", type=click.FloatRange(0), default=default(DetrTrainSettings, "lr_backbone"),
               show_default=True, help="The backbone's (layer2-4; 0 freezes it all).")
+@click.option("--full-backbone", is_flag=True, default=default(DetrTrainSettings, "full_backbone"),
+              help="Train the whole backbone, stem and layer1 too, with batch norms that learn their statistics "
+                   "(for --weights random: the official recipe assumes an ImageNet backbone).")
 @click.option("--weight-decay", type=click.FloatRange(0), default=default(DetrTrainSettings, "weight_decay"),
               show_default=True)
 @click.option("--clip-max-norm", type=click.FloatRange(0), default=default(DetrTrainSettings, "clip_max_norm"),
@@ -411,7 +414,8 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
 def train_detr_command(model_name: str, weights: str, source: str, split: str, val_split: str,
                        synthetic_images: int | None, synthetic_val_images: int | None, coco_root: Path, root: Path,
                        size: tuple[int, int], epochs: int, lr_drop: int, batch_size: int, lr: float,
-                       lr_backbone: float, weight_decay: float, clip_max_norm: float, dropout: float, seed: int,
+                       lr_backbone: float, full_backbone: bool, weight_decay: float, clip_max_norm: float,
+                       dropout: float, seed: int,
                        out: str | None, resume: bool, num_workers: int, device: str | None, amp: str | None,
                        dist_timeout: float) -> None:
     """Train DETR itself on a COCO-format split, resized to --size as the cache is (torchrun: data-parallel).
@@ -432,7 +436,8 @@ def train_detr_command(model_name: str, weights: str, source: str, split: str, v
     settings = DetrTrainSettings(
         model=model_name, weights=weights, source=source, coco_root=coco_root, workspace=root, split=split,
         val_split=val_split, size=size, epochs=epochs, lr_drop=lr_drop, batch_size=batch_size, lr=lr,
-        lr_backbone=lr_backbone, weight_decay=weight_decay, clip_max_norm=clip_max_norm, dropout=dropout, seed=seed,
+        lr_backbone=lr_backbone, full_backbone=full_backbone, weight_decay=weight_decay, clip_max_norm=clip_max_norm,
+        dropout=dropout, seed=seed,
         out=out, resume=resume, device=device, amp=amp, num_workers=num_workers, synthetic_images=synthetic_images,
         synthetic_val_images=synthetic_val_images,
     )

@@ -19,7 +19,8 @@ def build_detr(name: str = "detr-r50", weights: str = "official", device: str | 
     ``model.fingerprint`` identifies config and weights; caches record it.
     """
     config = get_config(name)
-    model = DETR(config)
+    with torch.random.fork_rng(devices=[]):  # the layers' default initialization must not draw from the caller's RNG
+        model = DETR(config)
     source = load_weights(model, weights)
     model.requires_grad_(False).eval()
     model.fingerprint = {

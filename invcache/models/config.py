@@ -71,10 +71,12 @@ CONFIGS: dict[str, DetrConfig] = {
     "detr-r50-dc5": DetrConfig("detr-r50-dc5", "resnet50", dilation=True),
     "detr-r101": DetrConfig("detr-r101", "resnet101"),
     "detr-r101-dc5": DetrConfig("detr-r101-dc5", "resnet101", dilation=True),
-    # Not a published model: small enough for tests and the demo on two CPU cores.
+    # Not a published model: small enough for tests and the demo on two CPU cores. 10 queries, not 100:
+    # a synthetic image holds at most 4 objects, and trained from random weights 100 queries never
+    # learned to classify in the time tried, while 10 did within a few epochs (docs/training.md).
     "detr-tiny": DetrConfig(
         "detr-tiny", "resnet18", d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
-        dim_feedforward=256,
+        dim_feedforward=256, num_queries=10,
     ),
 }
 

@@ -51,10 +51,14 @@ class EmbeddedWeights:
 
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-# Empty for now: no recipe has yet trained detr-tiny from random weights to a useful AP on the synthetic
-# shapes within the time tried (docs/training.md, "The embedded default"); `--weights demo` arrives with
-# its file, its sha256 and the command that reproduces it.
-EMBEDDED_WEIGHTS: dict[str, EmbeddedWeights] = {}
+EMBEDDED_WEIGHTS: dict[str, EmbeddedWeights] = {
+    # detr-tiny trained from random:0 on the synthetic shapes at 128x160 (docs/training.md, "The embedded default")
+    "demo": EmbeddedWeights(
+        "detr-tiny", "detr-tiny-demo.safetensors",
+        "2fda581e4b2bf54c184e6c48f9273cd0902d4210b08696b62d25aeaed199b48f",
+        "python pipelines/demo_detr.py (from a source checkout)",
+    ),
+}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -142,41 +146,62 @@ def official_checkpoint_path(config: DetrConfig) -> Path:
 
 
 def randomize(model: DETR, seed: int) -> None:
-    """Deterministic random init, then frozen batch-norm statistics calibrated on a fixed noise batch.
+    """The official DETR's initialization, drawn from ``seed``, then frozen batch-norm statistics
+    calibrated on a fixed noise batch.
 
-    Without calibration a random ResNet's activations grow block after block; calibrating
-    each frozen BN on its own input keeps every stage at unit scale, as trained weights do.
+    As facebookresearch/detr initializes its model, except that the backbone is random instead of
+    ImageNet's: torchvision's ResNet initialization (He-normal convolutions, unit batch norms),
+    PyTorch's default for every other layer (the query embedding standard normal), then
+    Xavier-uniform for every matrix of the transformer. (An earlier Xavier-uniform of every
+    matrix, query embedding included, left the queries so alike that DETR trained from it did
+    not learn to classify; docs/training.md.) Without calibration a random ResNet's activations
+    grow block after block; calibrating each frozen BN on its own input keeps every stage at
+    unit scale, as trained weights do. The caller's random state is left as it was.
     """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() > 1:
-                bound = (6.0 / (param.shape[0] + param[0].numel())) ** 0.5
-                param.uniform_(-bound, bound, generator=generator)
-            elif name.endswith("bias"):
-                param.zero_()
-        hooks = []
+    from torchvision.ops import FrozenBatchNorm2d
 
-        def calibrate(module, inputs):
-            x = inputs[0]
-            module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-            module.running_var.copy_(x.var(dim=(0, 2, 3)))
-
-        from torchvision.ops import FrozenBatchNorm2d
-
+    backbone = set(model.backbone.modules())
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
         for module in model.modules():
             if isinstance(module, FrozenBatchNorm2d):
-                hooks.append(module.register_forward_pre_hook(calibrate))
-        # One thread: convolutions split across threads sum in another order, and the statistics
-        # (hence the weights' sha256, which caches record and compare) must not depend on the machine.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            model.backbone[0](_calibration_images(generator))
-        finally:
-            torch.set_num_threads(threads)
-            for hook in hooks:
-                hook.remove()
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, nn.Conv2d) and module in backbone:
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.MultiheadAttention):
+                module._reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)):
+                module.reset_parameters()
+        for parameter in model.transformer.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+        _calibrate_batch_norms(model, torch.Generator().manual_seed(seed))
+
+
+def _calibrate_batch_norms(model: DETR, generator: torch.Generator) -> None:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    hooks = []
+
+    def calibrate(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            hooks.append(module.register_forward_pre_hook(calibrate))
+    # One thread: convolutions split across threads sum in another order, and the statistics
+    # (hence the weights' sha256, which caches record and compare) must not depend on the machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.backbone[0](_calibration_images(generator))
+    finally:
+        torch.set_num_threads(threads)
+        for hook in hooks:
+            hook.remove()
 
 
 def _calibration_images(generator: torch.Generator) -> torch.Tensor:

@@ -11,7 +11,9 @@ Hungarian loss with auxiliary losses (:class:`invcache.models.loss.SetCriterion`
 1e-4, the backbone at 1e-5, weight decay 1e-4; gradients clipped to norm 0.1; dropout 0.1 in
 the transformer; the learning rate ×0.1 every ``lr_drop`` epochs (StepLR). As in the official
 code the backbone's batch norms stay frozen and so do its stem and ``layer1``
-(``lr_backbone`` 0 freezes all of it). Images are the fixed-size ones the cache holds
+(``lr_backbone`` 0 freezes all of it); ``full_backbone``, for a backbone that is not pretrained,
+trains all of it, with batch norms that normalize by batch statistics and learn the running
+statistics the checkpoints then hold as frozen ones. Images are the fixed-size ones the cache holds
 (:mod:`invcache.data.detection`), randomly flipped.
 
 After each epoch the model's own head outputs on the validation split are scored by the code
@@ -62,6 +64,7 @@ from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_d
 from invcache.errors import InvcacheError, UsageError
 from invcache.forward import resolve_amp
 from invcache.models import DETR, build_detr, get_config
+from invcache.models.backbone import freeze_batch_norms, thaw_batch_norms
 from invcache.models.detr import DetrOutputs
 from invcache.models.loss import SetCriterion
 from invcache.models.matcher import DetrTarget
@@ -163,6 +166,7 @@ def train_detr(settings: DetrTrainSettings, progress: Callable[[DetrTrainProgres
                                        val_ap=record["val_AP"], val_ap50=record["val_AP50"]))
     # Frozen and in eval mode, as build_detr returns a model: on the CPU, inference with parameters that
     # require gradients takes other kernels, whose results differ from the loaded checkpoint's in the last bits.
+    freeze_batch_norms(run.model.backbone)
     run.model.requires_grad_(False).eval()
     return DetrTrainResult(run.out, settings.epochs, run.step, run.best, run.history, run.model)
 
@@ -192,7 +196,7 @@ def prepare(settings: DetrTrainSettings) -> DetrRun:
     # default initialisation, overwritten by the weights, must not draw from the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         model = build_detr(settings.model, str(last) if resuming else settings.weights, device)
-    make_trainable(model, train_backbone=settings.lr_backbone > 0)
+    make_trainable(model, train_backbone=settings.lr_backbone > 0, full_backbone=settings.full_backbone)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr_backbone), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     amp = resolve_amp(settings.amp, device)
@@ -281,6 +285,11 @@ def train_epoch(run: DetrRun, epoch: int, progress: Callable[[DetrTrainProgress]
             if progress and (done % settings.log_every == 0 or done == steps):
                 progress(DetrTrainProgress(epoch + 1, settings.epochs, done, steps,
                                            seen / (time.perf_counter() - started), sums[0].item() / max(taken, 1)))
+    if run.world > 1:
+        # DDP hands rank 0's buffers to every rank before each forward, but the last forward updated thawed
+        # batch-norm statistics on each rank from its own batch: validation and checkpoints take rank 0's.
+        for buffer in run.model.buffers():
+            dist.broadcast(buffer, 0)
     means = _mean_across_ranks(sums, taken, run.device, run.world)
     return dict(zip(("train_loss", *LOGGED_TERMS), means))
 
@@ -350,6 +359,8 @@ def _check_settings(settings: DetrTrainSettings) -> None:
         value = getattr(settings, name)
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a number of at least 0, not {value}")
+    if settings.full_backbone and settings.lr_backbone == 0:
+        raise UsageError("--full-backbone trains the whole backbone; it needs a --lr-backbone above 0")
     if not 0 <= settings.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), not {settings.dropout}")
     check_size(tuple(settings.size))
@@ -365,15 +376,20 @@ def _has_ground_truth(images: CocoFolder) -> bool:
     return any(not a.get("iscrowd", 0) for i in images.image_ids for a in images.coco.imgToAnns.get(i, []))
 
 
-def make_trainable(model: DETR, train_backbone: bool) -> None:
+def make_trainable(model: DETR, train_backbone: bool, full_backbone: bool = False) -> None:
     """Unfreeze what the official DETR trains and switch to training mode.
 
     The official code trains the backbone's ``layer2``–``layer4`` only (and none of it with
-    ``train_backbone`` False, i.e. ``lr_backbone`` 0); its batch norms are frozen statistics, not parameters.
+    ``train_backbone`` False, i.e. ``lr_backbone`` 0); its batch norms are frozen statistics, not
+    parameters. It starts from ImageNet weights; from random ones the stem and ``layer1`` must learn
+    too and the statistics must follow the data: ``full_backbone`` trains every backbone layer and
+    thaws its batch norms (:func:`~invcache.models.backbone.thaw_batch_norms`).
     """
+    if full_backbone:
+        thaw_batch_norms(model.backbone)
     model.requires_grad_(True)
     for name, parameter in model.backbone.named_parameters():
-        if not train_backbone or not any(f".layer{k}." in name for k in (2, 3, 4)):
+        if not train_backbone or not (full_backbone or any(f".layer{k}." in name for k in (2, 3, 4))):
             parameter.requires_grad_(False)
     model.train()
 
@@ -481,7 +497,8 @@ _RESUME_SETTINGS = {
     "model": "--model", "size": "--size", "source": "--source", "split": "--split",
     "synthetic_images": "--synthetic-images", "seed": "--seed", "batch_size": "--batch-size", "lr": "--lr",
     "lr_backbone": "--lr-backbone", "weight_decay": "--weight-decay", "clip_max_norm": "--clip-max-norm",
-    "lr_drop": "--lr-drop", "dropout": "--dropout", "world_size": "the number of torchrun processes",
+    "lr_drop": "--lr-drop", "dropout": "--dropout", "full_backbone": "--full-backbone",
+    "world_size": "the number of torchrun processes",
 }
 
 
