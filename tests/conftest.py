@@ -22,7 +22,8 @@ def analysis_workspace(tmp_path_factory, synthetic_root):
     """A workspace the analyses can read: caches of every tap and briefly trained modules.
 
     train2017: 64 generated images; val2017: the 12 images of ``synthetic_root``, 3 of them
-    unreadable (so every analysis must skip invalid rows). detr-tiny with the embedded default weights, 64×96.
+    unreadable (so every analysis must skip invalid rows). detr-tiny with the embedded default
+    weights (``demo``), at the 128×160 it was trained at, so the analyses see real detections.
     Modules: the four of the stage chains, head-inv with softmax scores, and a per-layer
     B⁻¹ trained from enc.1.
     """
@@ -30,7 +31,7 @@ def analysis_workspace(tmp_path_factory, synthetic_root):
     from invcache.training import TrainSettings, train
 
     root = tmp_path_factory.mktemp("analysis-workspace")
-    common = dict(model="detr-tiny", weights="demo", size=(64, 96), shard_size=8, batch_size=8, num_workers=0)
+    common = dict(model="detr-tiny", weights="demo", size=(128, 160), shard_size=8, batch_size=8, num_workers=0)
     extract(ExtractSettings(split="train2017", source="synthetic", workspace=root, synthetic_images=64, **common))
     extract(ExtractSettings(split="val2017", coco_root=synthetic_root, workspace=root, **common))
     quick = dict(workspace=root, epochs=1, batch_size=16, num_workers=0, width="small")

@@ -143,7 +143,7 @@ def test_missing_modules_are_a_one_line_exit_2_naming_the_command(analysis_works
 def test_a_cache_without_a_needed_tap_is_refused(analysis_workspace, synthetic_root, tmp_path):
     location = tmp_path / "encoder-only"
     extract(ExtractSettings(split="val2017", layers="input,enc.*", coco_root=synthetic_root, out=location,
-                            model="detr-tiny", weights="demo", size=(64, 96), shard_size=8, batch_size=8,
+                            model="detr-tiny", weights="demo", size=(128, 160), shard_size=8, batch_size=8,
                             num_workers=0))
     needle = r"lacks the taps dec\.1, dec\.2, head\.logits, head\.boxes that .*`invcache extract --layers all`"
     with pytest.raises(UsageError, match=needle):

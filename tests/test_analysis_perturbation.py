@@ -53,6 +53,9 @@ def test_grayscale_writes_its_outputs_and_gray_inputs_have_no_colour(analysis_wo
     np.testing.assert_allclose([float(r["colourfulness_color_input"]) for r in rows], expected, rtol=1e-7)
     assert all(float(r["colourfulness_grayscale_input"]) == 0.0 for r in rows)
     assert set(gray_results["ap"]) == {"color", "grayscale"}
+    # the embedded default tells its shapes apart by colour (docs/analyses.md): gray costs most of its AP
+    assert gray_results["ap"]["color"]["AP50"] >= 0.5 and gray_results["ap"]["grayscale"]["AP50"] < 0.5 * \
+        gray_results["ap"]["color"]["AP50"]
 
 
 def test_a_rerun_reuses_the_gray_cache_without_running_detr(analysis_workspace, gray_results, monkeypatch):
@@ -106,6 +109,10 @@ def test_color_writes_every_output(analysis_workspace, color_run):
         for variant in ("identity", *color.FILTERS):
             histogram = results["hue_histograms"][category][variant]["input"]
             assert len(histogram) == color.HUE_BINS and abs(sum(histogram) - 1) < 1e-9
+    # the paper's finding, on the embedded default: an object keeps its AP only in its prototypical colour
+    stop_sign = results["ap"]["stop sign"]
+    assert stop_sign["identity"]["AP50"] >= 0.5 and stop_sign["red"]["AP50"] >= 0.5
+    assert max(stop_sign[f]["AP50"] for f in ("green", "blue", "+120", "+240")) < 0.5 * stop_sign["identity"]["AP50"]
 
 
 def test_color_selection_and_input_pairwise_mse_match_an_independent_computation(analysis_workspace, color_run):

@@ -78,7 +78,7 @@ def test_the_report_of_a_real_workspace_loads_in_headless_chromium_offline(repor
     for key, value in results["headline"].items():
         assert key in text and f"{value:.4g}" in text
     assert "baseline" in text and "±" in text
-    assert "invcache extract --split val2017" in text and "--model detr-tiny --weights random:0 --size 64x96" in text
+    assert "invcache extract --split val2017" in text and "--model detr-tiny --weights demo --size 128x160" in text
     assert "invcache extract --split train2017 --source synthetic" in text
     assert "invcache train backbone-inv" in text and "--from enc.1" in text and "--class-input scores" in text
     assert "--epochs 1 --batch-size 16" in text and "--width small" in text

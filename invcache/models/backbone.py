@@ -38,7 +38,7 @@ def thaw_batch_norms(module: nn.Module) -> None:
                     getattr(norm, key).copy_(getattr(child, key))
             # The official checkpoint layout has no batch counter; with a fixed momentum nothing reads it.
             norm.register_buffer("num_batches_tracked", None)
-            setattr(module, name, norm)
+            setattr(module, name, norm.train(child.training))
         else:
             thaw_batch_norms(child)
 
