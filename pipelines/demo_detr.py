@@ -4,7 +4,7 @@ Trains detr-tiny from random weights on a synthetic split of 4096 images (valida
 then writes the best epoch's weights as float16 safetensors under the official key names to
 ``invcache/models/embedded/detr-tiny-demo.safetensors`` (the package's size limit is 25 MB; the
 float32 file is 45 MB) and prints its sha256, which goes into
-:data:`invcache.models.weights.EMBEDDED_WEIGHTS` with this command. About 20 minutes on two CPU
+:data:`invcache.models.weights.EMBEDDED_WEIGHTS` with this command. About 17 minutes on two CPU
 cores. The recipe differs from the official one where random weights need it (docs/training.md,
 "The embedded default"): the whole backbone trains, batch norms included, at the base rate, and
 there is no dropout.
