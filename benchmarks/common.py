@@ -36,8 +36,8 @@ def report(name: str, **figures) -> None:
     print(json.dumps({"benchmark": name, **figures, "machine": machine()}), flush=True)
 
 
-def synthetic_split(root, images: int, distinct: int, height_range, width_range):
-    """A synthetic COCO val2017 of ``images`` entries drawn over ``distinct`` generated JPEGs.
+def synthetic_split(root, images: int, distinct: int, height_range, width_range, split: str = "val2017"):
+    """A synthetic COCO ``split`` of ``images`` entries drawn over ``distinct`` generated JPEGs.
 
     Generating a JPEG costs more than extracting it, so long runs reuse files under new
     image ids; every entry is still decoded, resized, forwarded and written on its own.
@@ -46,7 +46,7 @@ def synthetic_split(root, images: int, distinct: int, height_range, width_range)
 
     from invcache.data import generate_coco
 
-    path = generate_coco(root, "val2017", num_images=min(images, distinct), height_range=height_range,
+    path = generate_coco(root, split, num_images=min(images, distinct), height_range=height_range,
                          width_range=width_range)
     dataset = json.loads(path.read_text())
     originals = dataset["images"]

@@ -57,8 +57,8 @@ def model_option(f: Command) -> Command:
 
 def weights_option(f: Command) -> Command:
     return click.option("--weights", default=default(ExtractSettings, "weights"), show_default=True,
-                        help="official, random[:SEED], or a checkpoint path (official, HF, or `invcache train "
-                             "detr`'s).")(f)
+                        help="official, demo (detr-tiny trained on the synthetic shapes, shipped), random[:SEED], "
+                             "or a checkpoint path (official, HF, or `invcache train detr`'s).")(f)
 
 
 def size_option(f: Command) -> Command:
