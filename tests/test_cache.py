@@ -160,3 +160,15 @@ def test_a_keepbits_cache_is_created_and_read_without_the_numcodecs_warning(tmp_
         assert cache["enc.1"][3].shape == (2, 4) and cache.read("enc.1", 0, 4).shape == (4, 2, 4)
     assert not [w for w in caught if "Numcodecs codecs" in str(w.message)], [str(w.message) for w in caught]
     assert warnings.filters == before
+
+
+def test_a_chunk_of_another_size_with_a_valid_checksum_is_damage_not_a_partial_row(tmp_path):
+    # a shard file of an array with smaller rows: every chunk's crc32c and the index hold, the sizes do not
+    cache = Cache.create(tmp_path / "c", num_images=2, tap_shapes={"dec.1": (3, 4)}, shard_size=2)
+    other = Cache.create(tmp_path / "o", num_images=2, tap_shapes={"dec.1": (2, 4)}, shard_size=2)
+    ShardCodec(cache.array("dec.1")).write(0, np.ones((2, 3, 4), np.float16))
+    ShardCodec(other.array("dec.1")).write(0, np.full((2, 2, 4), 7, np.float16))
+    target = tmp_path / "c" / "dec" / "1" / "c" / "0" / "0" / "0"
+    target.write_bytes((tmp_path / "o" / "dec" / "1" / "c" / "0" / "0" / "0").read_bytes())
+    with pytest.raises(CacheCorruptError, match=r"image 0 of the shard decodes to 16 bytes, not its row's 24"):
+        cache.decode_shard("dec.1", 0, complete=True, digest=None)

@@ -133,3 +133,28 @@ def test_unshuffled_reads_in_storage_order_and_dec0_as_zeros(caches):
 def test_rank_outside_the_world_is_refused(caches):
     with pytest.raises(ValueError, match="rank 2"):
         CacheSamples(caches["tiny"][0], ["enc.0"], rank=2, world=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_threads_change_nothing_but_speed(caches, workers):
+    location, _ = caches["ragged"]
+    plain = read_epoch(location, 2, workers, seed=3, epoch=1)
+    threaded = read_epoch(location, 2, workers, seed=3, epoch=1, decode_threads=3)
+    assert threaded == plain
+    with pytest.raises(ValueError, match="decode_threads must be at least 1"):
+        CacheSamples(location, ["enc.0"], decode_threads=0)
+
+
+def test_a_damaged_shard_decoded_in_a_thread_is_named_in_the_reader(caches, tmp_path):
+    import shutil
+
+    from invcache.cache.store import CacheCorruptError
+
+    location = tmp_path / "copy"
+    shutil.copytree(caches["reported"][0], location)
+    shard_file = location / "enc" / "0" / "c" / "3" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[10] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match="shard 3"):
+        list(CacheSamples(str(location), ["enc.0"], shuffle=False, decode_threads=2))

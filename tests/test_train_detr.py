@@ -144,6 +144,10 @@ def test_resumed_training_ends_where_the_uninterrupted_run_ends(workspace, one_e
         trainer.train_detr(quick(workspace, epochs=2, out=resumed_dir))
     with pytest.raises(InvcacheError, match=r"--lr 0.0001 -> 0.0002"):
         trainer.train_detr(quick(workspace, epochs=2, out=resumed_dir, resume=True, lr=2e-4))
+    # a run saved before a setting existed resumes as if it had that setting's default
+    saved = torch.load(resumed_dir / "last.pth", weights_only=True)
+    del saved["args"]["full_backbone"]
+    torch.save(saved, resumed_dir / "last.pth")
     # through the command, as a user resumes
     args = ["train", "detr", "--model", "detr-tiny", "--source", "synthetic", "--root", str(workspace), "--split",
             "shapes", "--synthetic-images", "4", "--val-split", "shapes-val", "--synthetic-val-images", "2",

@@ -19,13 +19,18 @@ yields the same number of batches on every rank. Contiguous blocks keep shard lo
 reads about ``shards / world`` shards. A worker reads every requested tap of each shard it
 needs once, as one block (zarr decodes a whole shard at once; random ``oindex`` reads of
 sharded arrays are very slow), yields the rows it owns, and with ``shuffle=True`` passes them
-through a bounded shuffle buffer drawn from (seed, epoch, rank, worker). Samples are the
-stored dtypes (float16, uint8); cast them on the device.
+through a bounded shuffle buffer drawn from (seed, epoch, rank, worker). With
+``decode_threads`` above 1 the next shards decode in that many threads while the current one is
+yielded (Blosc releases the GIL, so they decode in parallel without worker processes or their
+transfers of batches); the order of the samples does not change. Samples are the stored dtypes
+(float16, uint8); cast them on the device.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -49,9 +54,13 @@ class CacheSamples(torch.utils.data.IterableDataset):
         rank: int = 0,
         world: int = 1,
         equal_shares: bool | None = None,
+        decode_threads: int = 1,
     ) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in a world of {world}")
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be at least 1, not {decode_threads}")
+        self.decode_threads = decode_threads
         self.location, self.taps = str(location), list(taps)
         self.shuffle, self.seed, self.epoch, self.buffer_size = shuffle, seed, epoch, buffer_size
         self.rank, self.world = rank, world
@@ -120,13 +129,30 @@ class CacheSamples(torch.utils.data.IterableDataset):
         yield from samples
 
     def _samples(self, cache: Cache, wanted: dict[int, list[int]]) -> Iterator[dict]:
-        for shard, rows in wanted.items():
-            blocks = {tap: cache.read_shard(tap, shard, complete=True) for tap in self.taps}
-            ids = cache.read_shard(S.IMAGE_ID, shard)
+        for rows, (blocks, ids) in zip(wanted.values(), self._decoded(cache, list(wanted))):
             for row in rows:
                 sample = {tap: torch.from_numpy(np.ascontiguousarray(block[row])) for tap, block in blocks.items()}
                 sample[S.IMAGE_ID] = int(ids[row])
                 yield sample
+
+    def _decoded(self, cache: Cache, shards: list[int]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Each shard's tap blocks and image ids, in order; the next ``decode_threads`` shards decode meanwhile."""
+        def decode(shard: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            return ({tap: cache.read_shard(tap, shard, complete=True) for tap in self.taps},
+                    cache.read_shard(S.IMAGE_ID, shard))
+
+        if self.decode_threads == 1 or len(shards) < 2:
+            yield from map(decode, shards)
+            return
+        yield decode(shards[0])  # here first: it opens the arrays and codecs the threads then share
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            ahead = deque(pool.submit(decode, shard) for shard in shards[1:1 + self.decode_threads])
+            for shard in shards[1 + self.decode_threads:]:
+                done = ahead.popleft().result()
+                ahead.append(pool.submit(decode, shard))
+                yield done
+            while ahead:
+                yield ahead.popleft().result()
 
     def _shuffled(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         buffer: list[dict] = []

@@ -138,7 +138,11 @@ class ShardCodec:
             chunk = data[offset:offset + length - 4]
             if np.uint32(crc32c(chunk)).tobytes() != data[offset + length - 4:offset + length]:
                 raise ChecksumError(f"checksum mismatch in image {i} of the shard")
-            out[i] = np.frombuffer(self.blosc.decode(chunk), dtype=self.dtype).reshape(self.row_shape)
+            # Decompressed straight into the output row (no second copy); a chunk whose checksum holds but
+            # whose header claims another size (a chunk of another array) would fill the row only in part.
+            if (size := _blosc_nbytes(chunk)) != out[i].nbytes:
+                raise ChecksumError(f"image {i} of the shard decodes to {size} bytes, not its row's {out[i].nbytes}")
+            self.blosc.decode(chunk, out=out[i].reshape(-1).view(np.uint8))
         if digest is not None:
             checksums = [data[end - 4:end] for end in (int(o + n) for o, n in index if o != _EMPTY)]
             if (actual := shard_digest(checksums, index_bytes)) != digest:
@@ -160,6 +164,11 @@ def shard_digest(chunk_checksums: list[bytes], index: bytes) -> int:
     against their bytes on decode, so this digest still covers every byte.
     """
     return crc32c(b"".join(chunk_checksums) + index)
+
+
+def _blosc_nbytes(chunk: bytes) -> int:
+    """The uncompressed size a Blosc chunk's 16-byte header declares (bytes 4-7, little-endian); -1 if it has none."""
+    return int.from_bytes(chunk[4:8], "little") if len(chunk) >= 16 else -1
 
 
 class ChecksumError(ValueError):

@@ -47,7 +47,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -502,6 +502,9 @@ _RESUME_SETTINGS = {
 }
 
 
+_DEFAULTS = {f.name: f.default for f in fields(DetrTrainSettings) if f.default is not MISSING}
+
+
 def _restore(run: DetrRun, last: Path) -> None:
     try:
         saved = torch.load(last, map_location="cpu", weights_only=True)
@@ -511,8 +514,10 @@ def _restore(run: DetrRun, last: Path) -> None:
     if problem:
         raise InvcacheError(f"{last}: {problem}; it is not a checkpoint as `invcache train detr` writes it")
     current = _settings_record(run)
-    changed = [f"{flag} {saved['args'].get(key)!r} -> {current[key]!r}" for key, flag in _RESUME_SETTINGS.items()
-               if saved["args"].get(key) != current[key]]
+    # A setting added after the run was saved reads as its default (the run trained that way).
+    before = {key: saved["args"].get(key, _DEFAULTS.get(key)) for key in _RESUME_SETTINGS}
+    changed = [f"{flag} {before[key]!r} -> {current[key]!r}" for key, flag in _RESUME_SETTINGS.items()
+               if before[key] != current[key]]
     if changed:
         raise InvcacheError(f"cannot resume the run in {run.out} with other data or optimization settings "
                             f"({'; '.join(changed)}); resume with the run's values, or train anew with --out elsewhere")
