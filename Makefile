@@ -34,7 +34,7 @@ test: setup browser
 	$(PY) -m pytest -q
 
 # The main job on the embedded default (pipelines/demo.py, built on the public API): synthetic COCO-format
-# data, detr-tiny with random weights, caches → inverse modules → every analysis → report. Rerunning resumes.
+# data, detr-tiny with the embedded default weights (--weights demo), caches → inverse modules → every analysis → report. Rerunning resumes.
 demo: setup
 	$(PY) pipelines/demo.py --root $(DEMO_ROOT)
 

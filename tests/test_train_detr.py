@@ -106,6 +106,19 @@ def test_full_backbone_trains_stem_and_batch_norms_and_saves_the_official_keys(w
     assert all(torch.equal(loaded[tap], expected[tap]) for tap in expected)
 
 
+def test_full_backbone_refuses_a_one_by_one_feature_map_and_resumes_exactly(workspace, tmp_path):
+    with pytest.raises(UsageError, match="--full-backbone needs a feature map larger than 1x1; --size 32x32"):
+        trainer.train_detr(quick(workspace, tag="full-tiny", full_backbone=True, lr_backbone=1e-4, size=(32, 32)))
+    full = dict(full_backbone=True, lr_backbone=1e-4)
+    straight = trainer.train_detr(quick(workspace, epochs=2, tag="full-straight", **full))
+    trainer.train_detr(quick(workspace, epochs=1, out=tmp_path / "full", **full))
+    resumed = trainer.train_detr(quick(workspace, epochs=2, out=tmp_path / "full", resume=True, **full))
+    for key, value in straight.model.state_dict().items():  # batch-norm statistics included
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    with pytest.raises(InvcacheError, match="--full-backbone True -> False"):
+        trainer.train_detr(quick(workspace, epochs=3, out=tmp_path / "full", resume=True, lr_backbone=1e-4))
+
+
 def test_thawed_batch_norms_normalize_by_batch_statistics_and_freeze_back_exactly():
     from torchvision.ops import FrozenBatchNorm2d
 

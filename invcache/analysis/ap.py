@@ -1,7 +1,7 @@
 """``invcache analyze ap``: COCO box AP of DETR from the cached head outputs, without running DETR (SPEC §5).
 
 Over every valid image of the cache: ``head.logits`` and ``head.boxes`` go through DETR's own
-post-processing (:func:`invcache.models.postprocess.post_process`, all 100 queries kept), boxes
+post-processing (:func:`invcache.models.postprocess.post_process`, every query kept), boxes
 are scaled by each image's ``orig_size`` and written in COCO's results format, and
 pycocotools' ``COCOeval`` (bbox) scores them against the annotation file the cache was
 extracted from, restricted to the cache's valid image ids. Writes ``results.json`` (AP, AP50,

@@ -1,4 +1,4 @@
-"""D⁻¹: the DETR decoder architecture, mapping the 100 decoder embeddings back to the encoder embedding."""
+"""D⁻¹: the DETR decoder architecture, mapping the decoder embeddings (one per query) back to the encoder embedding."""
 
 from __future__ import annotations
 

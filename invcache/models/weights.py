@@ -122,6 +122,7 @@ def official_checkpoint_path(config: DetrConfig) -> Path:
     if filename is None:
         raise UsageError(
             f"no published weights for {config.name}; use --weights random[:SEED] or a checkpoint path"
+            + (" (or demo: detr-tiny trained on the synthetic shapes)" if config.name == "detr-tiny" else "")
         )
     target = Path(torch.hub.get_dir()) / "checkpoints" / filename
     url = os.environ.get("INVCACHE_DETR_URL_BASE", OFFICIAL_URL_BASE) + filename
@@ -152,7 +153,9 @@ def randomize(model: DETR, seed: int) -> None:
     As facebookresearch/detr initializes its model, except that the backbone is random instead of
     ImageNet's: torchvision's ResNet initialization (He-normal convolutions, unit batch norms),
     PyTorch's default for every other layer (the query embedding standard normal), then
-    Xavier-uniform for every matrix of the transformer. (An earlier Xavier-uniform of every
+    Xavier-uniform for every matrix of the transformer. One difference: the attention output
+    projections' biases keep ``nn.Linear``'s uniform default, where the official model has 0
+    (the embedded default was trained from this initialization, so it stays). (An earlier Xavier-uniform of every
     matrix, query embedding included, left the queries so alike that DETR trained from it did
     not learn to classify; docs/training.md.) Without calibration a random ResNet's activations
     grow block after block; calibrating each frozen BN on its own input keeps every stage at
@@ -162,7 +165,7 @@ def randomize(model: DETR, seed: int) -> None:
 
     backbone = set(model.backbone.modules())
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU generator alone: torch.manual_seed would reseed CUDA
         for module in model.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 module.weight.fill_(1.0)

@@ -229,7 +229,9 @@ def train_step(model: nn.Module, criterion: SetCriterion, optimizer: torch.optim
     ``model`` is a :class:`DetectionForward` (or DDP of one). Returns the weighted loss and the
     :data:`LOGGED_TERMS`, detached and still on the device. A loss that is not finite on any
     rank raises :class:`NonFiniteLoss` on every rank before any gradient is computed, so the
-    weights stay those of the last good step. Reading that one flag costs no stall: the matcher
+    weights stay those of the last good step (thawed batch norms, ``full_backbone``, have already
+    updated their running statistics in that forward; :func:`train_detr` then stops without
+    saving, so the checkpoints keep the last good ones). Reading that one flag costs no stall: the matcher
     has already waited for this forward on the host.
     """
     with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
@@ -361,9 +363,13 @@ def _check_settings(settings: DetrTrainSettings) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a number of at least 0, not {value}")
     if settings.full_backbone and settings.lr_backbone == 0:
         raise UsageError("--full-backbone trains the whole backbone; it needs a --lr-backbone above 0")
+    check_size(tuple(settings.size))
+    if settings.full_backbone and get_config(settings.model).feature_size(tuple(settings.size)) == (1, 1):
+        # a batch of one image would leave the last batch norms one value per channel to normalize by
+        raise UsageError(f"--full-backbone needs a feature map larger than 1x1; --size {settings.size[0]}x"
+                         f"{settings.size[1]} gives 1x1 (use at least 64 on one side)")
     if not 0 <= settings.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), not {settings.dropout}")
-    check_size(tuple(settings.size))
 
 
 def _open_splits(settings: DetrTrainSettings) -> tuple[CocoFolder, CocoFolder]:
