@@ -24,10 +24,12 @@ CASES = {
     "detr_loss.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "2"],
     "detr_train.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "1", "--rounds", "1"],
     "memory.py": ["--images", "16,24", "--distinct", "8", "--batch-size", "8", "--shard-size", "8"],
+    "codecs.py": ["--images", "4", "--size", "64x96"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
               "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward", "analysis.py": "ratio",
-              "detr_loss.py": "matcher_share", "detr_train.py": "ratio", "memory.py": "extract_growth"}
+              "detr_loss.py": "matcher_share", "detr_train.py": "ratio", "memory.py": "extract_growth",
+              "codecs.py": "ratio"}
 
 
 @pytest.mark.slow

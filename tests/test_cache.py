@@ -172,3 +172,46 @@ def test_a_chunk_of_another_size_with_a_valid_checksum_is_damage_not_a_partial_r
     target.write_bytes((tmp_path / "o" / "dec" / "1" / "c" / "0" / "0" / "0").read_bytes())
     with pytest.raises(CacheCorruptError, match=r"image 0 of the shard decodes to 16 bytes, not its row's 24"):
         cache.decode_shard("dec.1", 0, complete=True, digest=None)
+
+
+def test_encoder_taps_are_stored_without_a_compressor_and_plain_zarr_reads_every_tap(tmp_path):
+    shapes = {"enc.1": (6, 8), "dec.1": (6, 8), "head.boxes": (6, 4), "input": (4, 5, 3)}
+    rng = np.random.default_rng(1)
+    data = {"enc.1": rng.standard_normal((3, 6, 8)).astype(np.float16),
+            "dec.1": rng.standard_normal((3, 6, 8)).astype(np.float16),
+            "head.boxes": rng.random((3, 6, 4)).astype(np.float16),
+            "input": rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)}
+    cache = Cache.create(tmp_path / "c", num_images=3, tap_shapes=shapes, shard_size=2)
+    assert cache.attrs["codec"]["uncompressed"] == ["enc.*", "dec.*", "head.logits"]
+    kinds = {tap: [type(c).__name__ for c in cache.array(tap).compressors] for tap in shapes}
+    assert kinds == {"enc.1": ["Crc32cCodec"], "dec.1": ["Crc32cCodec"], "head.boxes": ["BloscCodec", "Crc32cCodec"],
+                     "input": ["BloscCodec", "Crc32cCodec"]}
+    for tap, values in data.items():
+        for shard in range(2):
+            ShardCodec(cache.array(tap)).write(shard, values[slice(*cache.shard_bounds(shard))])
+    # the stored chunk of an uncompressed tap is the row's bytes and their crc32c
+    stored = shard_file(tmp_path / "c", "enc/1", 0, 3)
+    assert stored[:data["enc.1"][0].nbytes] == data["enc.1"][0].tobytes()
+    plain = zarr.open_group(tmp_path / "c", mode="r")
+    for tap, values in data.items():
+        np.testing.assert_array_equal(plain[S.array_path(tap)][:], values)
+        np.testing.assert_array_equal(np.concatenate([cache.read_shard(tap, s) for s in range(2)]), values)
+    lossy = Cache.create(tmp_path / "lossy", num_images=3, tap_shapes=shapes, shard_size=2, keepbits=6)
+    assert lossy.attrs["codec"]["uncompressed"] == []
+    assert [type(c).__name__ for c in lossy.array("enc.1").compressors] == ["BloscCodec", "Crc32cCodec"]
+
+
+def test_a_cache_made_before_per_tap_codecs_still_opens_and_verifies(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:  # every tap compressed, as caches were made before
+        patch.setattr(S, "UNCOMPRESSED", ())
+        cache = Cache.create(tmp_path / "old", num_images=2, tap_shapes={"enc.1": (6, 8)}, shard_size=2)
+    group = zarr.open_group(tmp_path / "old", mode="r+")
+    group.attrs["codec"] = {k: v for k, v in group.attrs["codec"].items() if k != "uncompressed"}
+    rows = np.ones((2, 6, 8), np.float16)
+    meta = S.empty_bookkeeping(2)
+    meta[S.IMAGE_ID][:], meta[S.VALID][:] = [1, 2], True
+    cache.write_shard(0, {"enc.1": rows}, meta)
+    reopened = Cache.open(str(tmp_path / "old"))
+    assert [type(c).__name__ for c in reopened.array("enc.1").compressors] == ["BloscCodec", "Crc32cCodec"]
+    np.testing.assert_array_equal(reopened.read_shard("enc.1", 0), rows)
+    assert verify_cache(str(tmp_path / "old")) == []

@@ -98,7 +98,8 @@ def test_round_trip_every_tap_equals_a_direct_forward_on_the_stored_input(synthe
     assert attrs["source"]["annotation_sha256"] and attrs["source"]["images"] == len(ids)
     assert attrs["preprocessing"]["size"] == list(SIZE)
     assert attrs["codec"] == {"name": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "bitshuffle",
-                              "checksum": "crc32c", "keepbits": None}
+                              "checksum": "crc32c", "keepbits": None,
+                              "uncompressed": ["enc.*", "dec.*", "head.logits"]}
 
 
 def test_the_mean_image_is_the_numpy_mean_of_valid_inputs_and_survives_a_resume(reference, tmp_path, synthetic_root):

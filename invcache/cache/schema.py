@@ -2,7 +2,9 @@
 
 A cache is one zarr v3 group. Each tap is an array at ``tap_path(tap)``: (N, T, C) float16,
 or (N, H, W, 3) uint8 for ``input``; one image per chunk, ``shard_size`` images per shard,
-Blosc zstd with bit-shuffle and a crc32c checksum on every chunk. Beside the taps:
+Blosc zstd with bit-shuffle and a crc32c checksum on every chunk, except that the taps of
+:data:`UNCOMPRESSED` are stored without a compressor in a lossless cache (the crc32c kept): Blosc
+saves too little on them to be worth its decode time. Beside the taps:
 
 - ``image_id`` (N,) int64, ascending COCO ids;
 - ``orig_size`` (N, 2) int32, (H, W) before resizing;
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 
 import numpy as np
 import zarr
@@ -39,6 +42,13 @@ SCHEMA_VERSION = 2
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 1
 FLOAT_DTYPE = np.float16
+# Taps a lossless cache stores without a compressor, because Blosc zstd saves less than 10% on them and
+# decoding costs the reader more than the bytes saved (benchmarks/codecs.py; docs/performance.md, "Codecs
+# per tap"): the encoder and decoder outputs and the class logits, fp16 values whose mantissas do not
+# compress (1.02-1.06x on DETR-R50, at most 1.0x on the embedded default). input (1.6-1.7x), head.boxes
+# and backbone.c5 (post-ReLU zeros) keep Blosc. With --keepbits the rounded mantissas compress, and every
+# tap keeps Blosc.
+UNCOMPRESSED = ("enc.*", "dec.*", "head.logits")
 
 IMAGE_ID = "image_id"
 ORIG_SIZE = "orig_size"
@@ -77,10 +87,29 @@ def num_shards(num_images: int, shard_size: int) -> int:
 
 
 def codec_record(keepbits: int | None) -> dict:
+    """The root ``codec`` attribute: Blosc's settings, the checksum, ``keepbits``, and the tap patterns stored
+    without a compressor (``uncompressed``; a record without it is a cache where every tap is compressed)."""
     return {
         "name": "blosc", "cname": BLOSC_CNAME, "clevel": BLOSC_CLEVEL, "shuffle": "bitshuffle",
-        "checksum": "crc32c", "keepbits": keepbits,
+        "checksum": "crc32c", "keepbits": keepbits, "uncompressed": [] if keepbits is not None else list(UNCOMPRESSED),
     }
+
+
+def is_codec_record(codec: object) -> bool:
+    """Whether ``codec`` is a record :func:`codec_record` writes, or the one of caches made before
+    ``uncompressed`` existed (every tap compressed)."""
+    if not isinstance(codec, dict):
+        return False
+    keepbits = codec.get("keepbits")
+    if not (keepbits is None or (_is_positive_int(keepbits) and keepbits <= 10)):
+        return False
+    current = codec_record(keepbits)
+    return codec == current or codec == {k: v for k, v in current.items() if k != "uncompressed"}
+
+
+def compressed(tap: str, codec: Mapping) -> bool:
+    """Whether a cache with the ``codec`` record stores ``tap`` with Blosc."""
+    return not any(fnmatchcase(tap, pattern) for pattern in codec.get("uncompressed", []))
 
 
 def tap_description(tap: str) -> str:
@@ -119,7 +148,9 @@ def bookkeeping_labels(name: str) -> dict:
 
 def tap_codecs(tap: str, keepbits: int | None) -> dict:
     """``create_array`` keyword arguments for a tap's filters and compressors."""
-    compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
+    compressors = [Crc32cCodec()]
+    if compressed(tap, codec_record(keepbits)):
+        compressors.insert(0, BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle.bitshuffle))
     filters = []
     if keepbits is not None and tap != INPUT:
         from zarr.codecs.numcodecs import BitRound
@@ -242,9 +273,7 @@ def layout_problems(attrs: Mapping) -> list[str]:
     for key in ("shard_size", "num_images"):
         if not _is_positive_int(attrs.get(key)):
             problems.append(f"{found(key)}, not a positive integer")
-    codec = attrs.get("codec")
-    keepbits = codec.get("keepbits") if isinstance(codec, dict) else None
-    if not (keepbits is None or (_is_positive_int(keepbits) and keepbits <= 10)) or codec != codec_record(keepbits):
+    if not is_codec_record(attrs.get("codec")):
         problems.append(f"{found('codec')}, not a record of the cache's codec")
     if "state" in attrs and attrs["state"] not in STATES:
         problems.append(f"state is {attrs['state']!r}, not one of {', '.join(STATES)}")

@@ -4,7 +4,7 @@ zarr's generic write path encodes a shard's inner chunks through its asyncio pip
 about half the speed of the codecs themselves (measured: benchmarks/writer.py). A cache
 shard is always written whole, so this module produces the same bytes zarr would — the
 ``sharding_indexed`` layout of the array's own metadata: one chunk per image, each
-[BitRound →] Blosc → crc32c, then the (offset, length) index with its crc32c at the end —
+[BitRound →] [Blosc →] crc32c, then the (offset, length) index with its crc32c at the end —
 with numcodecs called directly (it releases the GIL, so writer threads compress in
 parallel). The tests read every written shard back through zarr as well.
 
@@ -50,12 +50,13 @@ class ShardCodec:
         inner = list(sharding[0].codecs)
         filters = [c for c in inner if type(c).__name__ == "BitRound"]
         rest = [c for c in inner if c not in filters]
-        shapes = [BytesCodec, BloscCodec, Crc32cCodec]
-        if len(rest) != 3 or not all(isinstance(c, kind) for c, kind in zip(rest, shapes)):
+        kinds = [type(c) for c in rest]
+        if kinds not in ([BytesCodec, BloscCodec, Crc32cCodec], [BytesCodec, Crc32cCodec]):
             raise ShardLayoutError(f"inner codecs {inner} are not the cache schema's")
-        blosc = rest[1]
-        self.blosc = Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
-                           blocksize=blosc.blocksize, typesize=blosc.typesize)
+        blosc = rest[1] if kinds[1] is BloscCodec else None  # None: stored without a compressor
+        self.blosc = None if blosc is None else Blosc(
+            cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
+            blocksize=blosc.blocksize, typesize=blosc.typesize)
         self.bitround = BitRound(keepbits=filters[0].codec_config["keepbits"]) if filters else None
         self.dtype = array.dtype
 
@@ -63,8 +64,9 @@ class ShardCodec:
         pieces = []
         for row in rows:
             data = self.bitround.encode(row) if self.bitround is not None else row
-            compressed = self.blosc.encode(np.ascontiguousarray(data).view(np.uint8).ravel())
-            pieces.append(bytes(compressed) + np.uint32(crc32c(compressed)).tobytes())
+            raw = np.ascontiguousarray(data).view(np.uint8).ravel()
+            stored = bytes(self.blosc.encode(raw) if self.blosc is not None else raw)
+            pieces.append(stored + np.uint32(crc32c(stored)).tobytes())
         return pieces
 
     def encode(self, rows: np.ndarray, pool: Executor | None = None) -> list[bytes]:
@@ -140,9 +142,14 @@ class ShardCodec:
                 raise ChecksumError(f"checksum mismatch in image {i} of the shard")
             # Decompressed straight into the output row (no second copy); a chunk whose checksum holds but
             # whose header claims another size (a chunk of another array) would fill the row only in part.
-            if (size := _blosc_nbytes(chunk)) != out[i].nbytes:
+            size = _blosc_nbytes(chunk) if self.blosc is not None else len(chunk)
+            if size != out[i].nbytes:
                 raise ChecksumError(f"image {i} of the shard decodes to {size} bytes, not its row's {out[i].nbytes}")
-            self.blosc.decode(chunk, out=out[i].reshape(-1).view(np.uint8))
+            row = out[i].reshape(-1).view(np.uint8)
+            if self.blosc is not None:
+                self.blosc.decode(chunk, out=row)
+            else:
+                row[:] = np.frombuffer(chunk, dtype=np.uint8)
         if digest is not None:
             checksums = [data[end - 4:end] for end in (int(o + n) for o, n in index if o != _EMPTY)]
             if (actual := shard_digest(checksums, index_bytes)) != digest:

@@ -248,7 +248,7 @@ class Cache:
                 problems += [f"{self._file(S.array_path(name), 'zarr.json')}: {problem}" for problem in found]
         readable_taps = [t for t in self.taps if t not in unreadable]
         if shards_known:
-            problems += self._codec_problems(readable_taps, attrs["codec"]["keepbits"])
+            problems += self._codec_problems(readable_taps, attrs["codec"])
             if not provenance:
                 problems += self._shape_problems(readable_taps, attrs)
         if self._stored(S.MEAN_IMAGE, "zarr.json"):
@@ -276,15 +276,18 @@ class Cache:
         return [f"{self._file('zarr.json')}: {key} is {attrs[key]}, but {stored.format(next(iter(values)))}"
                 for key, (values, stored) in found.items() if len(values) == 1 and attrs[key] not in values]
 
-    def _codec_problems(self, taps: Sequence[str], keepbits: int | None) -> list[str]:
-        """Taps whose BitRound filter disagrees with the ``codec`` attribute (``info`` reports its error from there)."""
-        problems = []
+    def _codec_problems(self, taps: Sequence[str], codec: Mapping) -> list[str]:
+        """Taps whose BitRound filter or compressor disagrees with the ``codec`` attribute (``info`` reports its
+        error from there)."""
+        problems, keepbits = [], codec["keepbits"]
         for tap in taps:
-            bitround = self._codec(tap).bitround
-            stored = None if bitround is None else bitround.keepbits
+            shard_codec, where = self._codec(tap), self._file(S.array_path(tap), "zarr.json")
+            stored = None if shard_codec.bitround is None else shard_codec.bitround.keepbits
             if stored != (None if tap == INPUT else keepbits):
-                problems.append(f"{self._file(S.array_path(tap), 'zarr.json')}: BitRound keepbits {stored}, but "
-                                f"codec.keepbits is {keepbits}")
+                problems.append(f"{where}: BitRound keepbits {stored}, but codec.keepbits is {keepbits}")
+            if (shard_codec.blosc is not None) != S.compressed(tap, codec):
+                problems.append(f"{where}: {'Blosc' if shard_codec.blosc is not None else 'no compressor'}, but "
+                                f"codec.uncompressed is {codec.get('uncompressed', [])}")
         return problems
 
     def _shape_problems(self, taps: Sequence[str], attrs: Mapping) -> list[str]:

@@ -272,7 +272,8 @@ def info(cache_path: str, as_json: bool) -> None:
                   f"images: {summary['num_images']}  per image stored: {_mb(summary['stored_bytes_per_image'])}")
     codec = summary["codec"]
     console.print(f"codec: blosc {codec['cname']} level {codec['clevel']} {codec['shuffle']}, "
-                  f"checksum {codec['checksum']}, keepbits {codec['keepbits']}")
+                  f"checksum {codec['checksum']}, keepbits {codec['keepbits']}, uncompressed taps "
+                  f"{', '.join(codec.get('uncompressed', [])) or 'none'}")
     if summary.get("keepbits_error"):
         err = summary["keepbits_error"]
         console.print(f"lossy error (keepbits {codec['keepbits']}): relative error at most {err['max_relative']:.2e}, "

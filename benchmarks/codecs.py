@@ -1,0 +1,75 @@
+"""Per tap: what Blosc zstd, Blosc lz4 and no compressor achieve on real activations (ratio, decode MB/s).
+
+Extracts ``--layers all`` of a synthetic split with the given model and weights (by default the
+embedded default, detr-tiny trained on the synthetic shapes, at the size it was trained at), then
+takes each tap's stored rows and encodes every row (one chunk, as the cache stores it) with each
+candidate, all with bit-shuffle at level 1 as the cache uses; decode speed is single-threaded
+over all chunks of the tap, best of three. ``ratio`` is one line's headline: the smallest zstd
+ratio among the encoder taps, which :data:`invcache.cache.schema.UNCOMPRESSED` stores raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from numcodecs import Blosc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import report, setup  # noqa: E402
+
+from invcache.cache.store import Cache  # noqa: E402
+from invcache.data import parse_size  # noqa: E402
+from invcache.extraction import ExtractSettings, extract  # noqa: E402
+
+CANDIDATES = {
+    "zstd": Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE),
+    "lz4": Blosc(cname="lz4", clevel=1, shuffle=Blosc.BITSHUFFLE),
+}
+
+
+def measure(rows: np.ndarray) -> dict[str, dict[str, float]]:
+    raw = [np.ascontiguousarray(row).view(np.uint8).ravel() for row in rows]
+    nbytes = sum(r.nbytes for r in raw)
+    figures = {}
+    for name, codec in CANDIDATES.items():
+        chunks = [codec.encode(r) for r in raw]
+        seconds = min(_timed(lambda: [codec.decode(c) for c in chunks]) for _ in range(3))
+        figures[name] = {"ratio": round(nbytes / sum(len(c) for c in chunks), 3),
+                         "decode_mb_s": round(nbytes / seconds / 1e6, 1)}
+    seconds = min(_timed(lambda: [bytes(r) for r in raw]) for _ in range(3))  # "none": the copy out
+    figures["none"] = {"ratio": 1.0, "decode_mb_s": round(nbytes / seconds / 1e6, 1)}
+    return figures
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="detr-tiny")
+    parser.add_argument("--weights", default="demo")
+    parser.add_argument("--size", default="128x160")
+    parser.add_argument("--images", type=int, default=32)
+    args = parser.parse_args()
+    setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = ExtractSettings(split="shapes-codecs", source="synthetic", synthetic_images=args.images,
+                                   workspace=tmp, model=args.model, weights=args.weights, size=parse_size(args.size),
+                                   layers="all", shard_size=args.images, batch_size=8, num_workers=0)
+        cache = Cache.open(extract(settings).cache)
+        taps = {tap: measure(cache.read_shard(tap, 0)) for tap in cache.taps}
+    encoder = [figures["zstd"]["ratio"] for tap, figures in taps.items() if tap.startswith("enc.")]
+    report("codecs", model=args.model, weights=args.weights, size=args.size, images=args.images, taps=taps,
+           ratio=min(encoder), threshold=1.1)
+
+
+if __name__ == "__main__":
+    main()
