@@ -2,7 +2,7 @@
 
 For each ``--images`` count, a synthetic COCO train2017 of that many entries (over ``--distinct``
 generated JPEGs, :func:`common.synthetic_split`) is extracted into a workspace of its own with
-the CLI, a small val2017 beside it, and an inverse module is trained one epoch from that cache.
+the CLI, and an inverse module is trained one epoch from that cache (no validation split).
 Each measured command is a child process of this script, run without DataLoader processes
 (``--num-workers 0``) so that its whole work is in it; its peak resident set comes from
 ``os.wait4``, the kernel's own count for that child. Growth = the largest split's peak over the
@@ -51,13 +51,11 @@ def main() -> None:
         for count in counts:
             coco = Path(scratch) / f"coco-{count}"
             synthetic_split(coco, count, args.distinct, (height, height), (width, width), split="train2017")
-            synthetic_split(coco, 16, 16, (height, height), (width, width), split="val2017")
             workspace = Path(scratch) / f"runs-{count}"
             common = ["--coco-root", str(coco), "--root", str(workspace), "--model", args.model, "--weights",
                       "random:0", "--size", args.size, "--num-workers", "0", "--batch-size", str(args.batch_size),
                       "--shard-size", str(args.shard_size)]
             extract_mb.append(peak_rss_mb(["extract", "--split", "train2017", *common]))
-            peak_rss_mb(["extract", "--split", "val2017", *common])
             train_mb.append(peak_rss_mb(["train", args.module, "--root", str(workspace), "--epochs", "1",
                                          "--batch-size", str(args.batch_size), "--num-workers", "0"]))
     report("memory", model=args.model, size=args.size, images=counts, module=args.module,

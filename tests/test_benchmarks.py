@@ -23,7 +23,7 @@ CASES = {
                "--batch-sizes", "4", "--num-workers", "0", "--writers", "1", "--shard-size", "4"],
     "detr_loss.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "2"],
     "detr_train.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "1", "--rounds", "1"],
-    "memory.py": ["--images", "16,24", "--distinct", "8", "--batch-size", "8", "--shard-size", "8"],
+    "memory.py": ["--images", "8,12", "--distinct", "4", "--batch-size", "4", "--shard-size", "4"],
     "codecs.py": ["--images", "4", "--size", "64x96"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
