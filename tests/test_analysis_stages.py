@@ -12,6 +12,7 @@ import zarr
 from scipy import stats
 
 from invcache.analysis import stages
+from invcache.cli import main
 from invcache.errors import UsageError
 from invcache.settings import AnalyzeSettings
 from invcache.training import checkpoint
@@ -82,21 +83,23 @@ def test_missing_modules_name_the_command_that_makes_them(analysis_workspace, tm
     assert not (tmp_path / "o" / "results.json").exists()
 
 
-def test_cli_errors_are_one_line_exit_2(analysis_workspace, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "invcache.cli", "analyze", "stages", "--root",
-                               str(analysis_workspace), "--out", str(tmp_path / "o"), *args],
-                              capture_output=True, text=True)
-
-    for args, needle in [(["--cache", str(tmp_path / "none")], "no cache at"),
-                         (["--modules", str(tmp_path)], "invcache train backbone-inv"),
+def test_cli_errors_are_one_line_exit_2(analysis_workspace, tmp_path, capsys):
+    command = ["analyze", "stages", "--root", str(analysis_workspace), "--out", str(tmp_path / "o")]
+    # one real process for the exit status and streams; the other cases through the same entry point in-process
+    result = subprocess.run([sys.executable, "-m", "invcache.cli", *command, "--cache", str(tmp_path / "none")],
+                            capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "no cache at" in lines[0], result.stderr
+    for args, needle in [(["--modules", str(tmp_path)], "invcache train backbone-inv"),
                          (["--stage", "neck"], "unknown stage 'neck'"),
                          (["--ids", "1,x"], "bad --ids")]:
-        result = run(*args)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
-    result = run("--n", "2")
-    assert result.returncode == 0 and "results.json" in result.stdout, result.stderr
+        with pytest.raises(SystemExit) as exit_code:
+            main([*command, *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_code.value.code == 2 and len(lines) == 1 and needle in lines[0], (args, lines)
+    with pytest.raises(SystemExit) as exit_code:
+        main([*command, "--n", "2"])
+    assert exit_code.value.code == 0 and "results.json" in capsys.readouterr().out
 
 
 def test_results_replace_the_previous_run_and_are_strict_json(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from invcache.analysis import ap
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
+from invcache.cli import main
 from invcache.data.coco import annotation_path, load_coco
 from invcache.errors import UsageError
 from invcache.hashing import file_sha256
@@ -183,18 +184,16 @@ def test_a_moved_file_is_found_with_annotations_and_a_webdataset_cache_needs_it(
         ap.run(AnalyzeSettings(cache=str(tmp_path / "wds"), out=tmp_path / "o"), annotations=tmp_path / "none")
 
 
-def test_a_missing_or_changed_annotation_file_is_one_line_exit_2(annotations, tmp_path):
+def test_a_missing_or_changed_annotation_file_is_one_line_exit_2(annotations, tmp_path, capsys):
     write_cache(tmp_path / "cache", annotations)
-
-    def analyze():
-        return subprocess.run([sys.executable, "-m", "invcache.cli", "analyze", "ap", "--root", str(tmp_path),
-                               "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
-                              capture_output=True, text=True)
-
+    command = ["analyze", "ap", "--root", str(tmp_path), "--cache", str(tmp_path / "cache"), "--out",
+               str(tmp_path / "out")]
     annotations.write_text(annotations.read_text() + " ")
-    changed = analyze()
+    changed = subprocess.run([sys.executable, "-m", "invcache.cli", *command], capture_output=True, text=True)
     annotations.unlink()
-    missing = analyze()
+    with pytest.raises(SystemExit) as exit_code:  # the same entry point, in-process
+        main(command)
+    missing = subprocess.CompletedProcess(command, exit_code.value.code, "", capsys.readouterr().err)
     for result, needle in [(changed, "changed since the cache"), (missing, "is not there any more")]:
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr

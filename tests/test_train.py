@@ -16,6 +16,7 @@ from invcache.analysis import stages
 from invcache.cache import schema as S
 from invcache.cache.reader import CacheSamples
 from invcache.cache.store import Cache
+from invcache.cli import main
 from invcache.errors import InvcacheError, UsageError
 from invcache.extraction import ExtractSettings, extract
 from invcache.inverse import build_inverse, make_spec
@@ -151,17 +152,17 @@ def test_bad_module_choices(workspace, name, source, needle):
         train(quick(workspace, name, from_tap=source))
 
 
-def test_cli_train_without_a_cache_says_what_to_run(tmp_path):
+def test_cli_train_without_a_cache_says_what_to_run(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "invcache.cli", "train", "encoder-inv", "--root", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invcache extract --split train2017" in result.stderr
     assert "Traceback" not in result.stderr
     (tmp_path / "a-file").write_text("not a cache")
-    for flag in ("--cache", "--val-cache"):
-        result = subprocess.run([sys.executable, "-m", "invcache.cli", "train", "head-inv", "--root", str(tmp_path),
-                                 flag, str(tmp_path / "a-file")], capture_output=True, text=True)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and "no cache at" in lines[0], result.stderr
+    for flag in ("--cache", "--val-cache"):  # the same entry point, in-process
+        with pytest.raises(SystemExit) as exit_code:
+            main(["train", "head-inv", "--root", str(tmp_path), flag, str(tmp_path / "a-file")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_code.value.code == 2 and len(lines) == 1 and "no cache at" in lines[0], lines
 
 
 def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(workspace, tmp_path):
