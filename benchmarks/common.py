@@ -55,3 +55,63 @@ def synthetic_split(root, images: int, distinct: int, height_range, width_range,
         dataset["images"].append({**originals[i % len(originals)], "id": next_id + i})
     path.write_text(json.dumps(dataset))
     return root
+
+
+# Colour photographs that ship inside installed wheels (no download): scikit-image's sample data and
+# matplotlib's. They stand in for COCO where a figure depends on image content (codecs, JPEG decoding).
+PHOTOGRAPHS = {
+    "skimage": ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
+                "motorcycle_left.png", "motorcycle_right.png"),
+    "matplotlib": ("grace_hopper.jpg",),
+}
+
+
+def photograph_paths() -> list:
+    """The bundled photographs' files (8 colour photographs, 300×451 to 872×1000)."""
+    from pathlib import Path
+
+    import matplotlib
+    import skimage.data
+
+    folders = {"skimage": Path(skimage.data.__file__).parent,
+               "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}
+    return [folders[package] / name for package, names in PHOTOGRAPHS.items() for name in names]
+
+
+def photographs(height: int, width: int) -> list:
+    """Each bundled photograph as RGB uint8 (height, width, 3), resized with PIL bilinear like the CPU path."""
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BILINEAR))
+            for path in photograph_paths()]
+
+
+def photograph_split(root, images: int, split: str = "val2017", quality: int = 90):
+    """A COCO-format ``split`` of ``images`` entries over the bundled photographs saved as JPEGs (no annotations).
+
+    COCO's own files are baseline JPEGs of about 480×640; the PNGs are saved at ``quality`` at their own size.
+    """
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from invcache.data.synthetic import CATEGORIES
+
+    folder = Path(root) / split
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for path in photograph_paths():
+        image = Image.open(path).convert("RGB")
+        name = f"{path.stem}.jpg"
+        image.save(folder / name, quality=quality)
+        files.append((name, image.height, image.width))
+    records = [{"id": i + 1, "file_name": files[i % len(files)][0], "height": files[i % len(files)][1],
+                "width": files[i % len(files)][2]} for i in range(images)]
+    annotations = Path(root) / "annotations"
+    annotations.mkdir(parents=True, exist_ok=True)
+    path = annotations / f"instances_{split}.json"
+    path.write_text(json.dumps({"images": records, "annotations": [],
+                                "categories": [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]}))
+    return path

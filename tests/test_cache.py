@@ -183,9 +183,10 @@ def test_encoder_taps_are_stored_without_a_compressor_and_plain_zarr_reads_every
             "input": rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)}
     cache = Cache.create(tmp_path / "c", num_images=3, tap_shapes=shapes, shard_size=2)
     assert cache.attrs["codec"]["uncompressed"] == ["enc.*", "dec.*", "head.logits"]
-    kinds = {tap: [type(c).__name__ for c in cache.array(tap).compressors] for tap in shapes}
-    assert kinds == {"enc.1": ["Crc32cCodec"], "dec.1": ["Crc32cCodec"], "head.boxes": ["BloscCodec", "Crc32cCodec"],
-                     "input": ["BloscCodec", "Crc32cCodec"]}
+    kinds = {tap: [type(c).__name__ for c in (cache.array(tap).serializer, *cache.array(tap).compressors)]
+             for tap in shapes}
+    assert kinds == {"enc.1": ["BytesCodec", "Crc32cCodec"], "dec.1": ["BytesCodec", "Crc32cCodec"],
+                     "head.boxes": ["BytesCodec", "BloscCodec", "Crc32cCodec"], "input": ["JpegXlCodec", "Crc32cCodec"]}
     for tap, values in data.items():
         for shard in range(2):
             ShardCodec(cache.array(tap)).write(shard, values[slice(*cache.shard_bounds(shard))])
@@ -199,6 +200,7 @@ def test_encoder_taps_are_stored_without_a_compressor_and_plain_zarr_reads_every
     lossy = Cache.create(tmp_path / "lossy", num_images=3, tap_shapes=shapes, shard_size=2, keepbits=6)
     assert lossy.attrs["codec"]["uncompressed"] == []
     assert [type(c).__name__ for c in lossy.array("enc.1").compressors] == ["BloscCodec", "Crc32cCodec"]
+    assert type(lossy.array("input").serializer).__name__ == "JpegXlCodec" and not lossy.array("input").filters
 
 
 def test_a_cache_made_before_per_tap_codecs_still_opens_and_verifies(tmp_path, monkeypatch):
@@ -206,7 +208,7 @@ def test_a_cache_made_before_per_tap_codecs_still_opens_and_verifies(tmp_path, m
         patch.setattr(S, "UNCOMPRESSED", ())
         cache = Cache.create(tmp_path / "old", num_images=2, tap_shapes={"enc.1": (6, 8)}, shard_size=2)
     group = zarr.open_group(tmp_path / "old", mode="r+")
-    group.attrs["codec"] = {k: v for k, v in group.attrs["codec"].items() if k != "uncompressed"}
+    group.attrs["codec"] = {k: v for k, v in group.attrs["codec"].items() if k not in ("uncompressed", "input")}
     rows = np.ones((2, 6, 8), np.float16)
     meta = S.empty_bookkeeping(2)
     meta[S.IMAGE_ID][:], meta[S.VALID][:] = [1, 2], True

@@ -4,7 +4,8 @@ zarr's generic write path encodes a shard's inner chunks through its asyncio pip
 about half the speed of the codecs themselves (measured: benchmarks/writer.py). A cache
 shard is always written whole, so this module produces the same bytes zarr would — the
 ``sharding_indexed`` layout of the array's own metadata: one chunk per image, each
-[BitRound →] [Blosc →] crc32c, then the (offset, length) index with its crc32c at the end —
+[BitRound →] [Blosc →] crc32c (``input``: lossless JPEG XL → crc32c), then the (offset, length)
+index with its crc32c at the end —
 with numcodecs called directly (it releases the GIL, so writer threads compress in
 parallel). The tests read every written shard back through zarr as well.
 
@@ -34,6 +35,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from invcache.cache.image_codec import JpegXlCodec
+
 _EMPTY = np.iinfo(np.uint64).max
 
 
@@ -51,8 +54,12 @@ class ShardCodec:
         filters = [c for c in inner if type(c).__name__ == "BitRound"]
         rest = [c for c in inner if c not in filters]
         kinds = [type(c) for c in rest]
-        if kinds not in ([BytesCodec, BloscCodec, Crc32cCodec], [BytesCodec, Crc32cCodec]):
+        if kinds not in ([BytesCodec, BloscCodec, Crc32cCodec], [BytesCodec, Crc32cCodec], [JpegXlCodec, Crc32cCodec]):
             raise ShardLayoutError(f"inner codecs {inner} are not the cache schema's")
+        if kinds[0] is JpegXlCodec and (filters or array.dtype != np.uint8 or array.shape[-1] != 3):
+            raise ShardLayoutError(f"inner codecs {inner} on {array.dtype} rows {array.shape[1:]}: the image codec "
+                                   "stores RGB uint8 rows without filters")
+        self.image = rest[0] if kinds[0] is JpegXlCodec else None
         blosc = rest[1] if kinds[1] is BloscCodec else None  # None: stored without a compressor
         self.blosc = None if blosc is None else Blosc(
             cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
@@ -63,6 +70,9 @@ class ShardCodec:
     def _encode_rows(self, rows: np.ndarray) -> list[bytes]:
         pieces = []
         for row in rows:
+            if self.image is not None:
+                pieces.append((stored := self.image.encode_image(row)) + np.uint32(crc32c(stored)).tobytes())
+                continue
             data = self.bitround.encode(row) if self.bitround is not None else row
             raw = np.ascontiguousarray(data).view(np.uint8).ravel()
             stored = bytes(self.blosc.encode(raw) if self.blosc is not None else raw)
@@ -140,6 +150,9 @@ class ShardCodec:
             chunk = data[offset:offset + length - 4]
             if np.uint32(crc32c(chunk)).tobytes() != data[offset + length - 4:offset + length]:
                 raise ChecksumError(f"checksum mismatch in image {i} of the shard")
+            if self.image is not None:
+                out[i] = self._decode_image(chunk, i)
+                continue
             # Decompressed straight into the output row (no second copy); a chunk whose checksum holds but
             # whose header claims another size (a chunk of another array) would fill the row only in part.
             size = _blosc_nbytes(chunk) if self.blosc is not None else len(chunk)
@@ -157,6 +170,18 @@ class ShardCodec:
                                     f"not the {digest:08x} recorded when the shard completed (moved, swapped or "
                                     "replaced)")
         return out
+
+    def _decode_image(self, chunk: bytes, i: int) -> np.ndarray:
+        """Image ``i`` of the shard; a chunk whose crc32c holds but that is no image of the row's shape (a chunk
+        of another array) is damage."""
+        try:
+            image = self.image.decode_image(chunk)
+        except ValueError as exc:
+            raise ChecksumError(f"image {i} of the shard is not a JPEG XL image ({exc})") from None
+        if image.shape != self.row_shape or image.dtype != self.dtype:
+            raise ChecksumError(f"image {i} of the shard decodes to {image.dtype} {image.shape}, not its row's "
+                                f"{self.dtype} {self.row_shape}")
+        return image
 
     def _key(self, shard: int) -> str:
         return f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, *([0] * len(self.row_shape))))}"

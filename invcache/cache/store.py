@@ -285,7 +285,10 @@ class Cache:
             stored = None if shard_codec.bitround is None else shard_codec.bitround.keepbits
             if stored != (None if tap == INPUT else keepbits):
                 problems.append(f"{where}: BitRound keepbits {stored}, but codec.keepbits is {keepbits}")
-            if (shard_codec.blosc is not None) != S.compressed(tap, codec):
+            if (shard_codec.image is not None) != S.stored_as_image(tap, codec):
+                problems.append(f"{where}: {'an' if shard_codec.image is not None else 'no'} image codec, but the "
+                                f"codec record {'has no' if 'input' not in codec else 'has an'} input codec")
+            elif (shard_codec.blosc is not None) != S.compressed(tap, codec):
                 problems.append(f"{where}: {'Blosc' if shard_codec.blosc is not None else 'no compressor'}, but "
                                 f"codec.uncompressed is {codec.get('uncompressed', [])}")
         return problems
