@@ -99,7 +99,9 @@ def test_round_trip_every_tap_equals_a_direct_forward_on_the_stored_input(synthe
     assert attrs["preprocessing"]["size"] == list(SIZE)
     assert attrs["codec"] == {"name": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "bitshuffle",
                               "checksum": "crc32c", "keepbits": None,
-                              "uncompressed": ["enc.*", "dec.*", "head.logits"]}
+                              "uncompressed": ["enc.*", "dec.*", "head.logits"],
+                              "input": {"name": "numcodecs.imagecodecs_jpegxl",
+                                        "configuration": {"lossless": True, "effort": 1}}}
 
 
 def test_the_mean_image_is_the_numpy_mean_of_valid_inputs_and_survives_a_resume(reference, tmp_path, synthetic_root):

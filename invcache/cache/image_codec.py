@@ -78,7 +78,8 @@ class JpegXlCodec(ArrayBytesCodec):
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         image = await asyncio.to_thread(self.decode_image, chunk_bytes.to_bytes())
         if image.size != np.prod(chunk_spec.shape) or image.dtype != np.uint8:
-            raise ValueError(f"a chunk decodes to {image.dtype} {image.shape}, not the array's {chunk_spec.shape}")
+            raise ValueError(f"JPEG XL decoding failed: a chunk decodes to {image.dtype} {image.shape}, not the "
+                             f"array's {chunk_spec.shape}")
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(image.reshape(chunk_spec.shape))
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:

@@ -47,6 +47,7 @@ CORRUPTION_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (ChecksumError, ""),  # invcache's shard decoder: crc32c mismatch, truncated shard, missing image or file
     (ValueError, "Stored and computed checksum do not match"),  # zarr.codecs.crc32c_: any chunk or shard index
     (RuntimeError, "error during blosc decompression"),  # numcodecs.blosc
+    (ValueError, "JPEG XL decoding failed"),  # image_codec: a chunk whose crc32c holds that is no image of the row
     (RuntimeError, "Zstd decompression error"),  # numcodecs.zstd (bookkeeping arrays)
 )
 _CORRUPTION_TYPES = tuple(kind for kind, _ in CORRUPTION_ERRORS)
