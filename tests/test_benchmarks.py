@@ -25,11 +25,14 @@ CASES = {
     "detr_train.py": ["--model", "detr-tiny", "--size", "64x96", "--batch-size", "2", "--steps", "1", "--rounds", "1"],
     "memory.py": ["--images", "8,12", "--distinct", "4", "--batch-size", "4", "--shard-size", "4"],
     "codecs.py": ["--images", "4", "--size", "64x96"],
+    "image_codecs.py": ["--size", "64x96", "--repeats", "1"],
+    "host_cost.py": ["--model", "detr-tiny", "--size", "64x96", "--images", "16", "--batch-size", "4",
+                     "--shard-size", "8"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
               "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward", "analysis.py": "ratio",
               "detr_loss.py": "matcher_share", "detr_train.py": "ratio", "memory.py": "extract_growth",
-              "codecs.py": "ratio"}
+              "codecs.py": "ratio", "image_codecs.py": "ratio", "host_cost.py": "cpu_ms_per_image"}
 
 
 @pytest.mark.slow
