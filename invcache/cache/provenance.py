@@ -4,9 +4,12 @@ Two questions, two answers:
 
 - **Resume** (the same ``extract`` command again): every setting that changes the arrays must
   match — the model (config and weights' sha256), preprocessing, perturbation, taps, shard
-  size, codec, schema, and the source's content (kind, split, annotation sha256, image
-  count, image ids). Paths (the COCO folder, the annotation file, webdataset URLs, a
-  checkpoint's file name) are recorded, not compared: a moved COCO folder resumes, and the
+  size, the codec's ``keepbits``, schema, and the source's content (kind, split, annotation
+  sha256, image count, image ids). The rest of the codec record is not a setting but what the
+  cache's arrays hold (which taps the first batch showed not worth compressing, the codecs
+  of the version that created it); a resume writes shards as each array's metadata says.
+  Paths (the COCO folder, the annotation file, webdataset URLs, a checkpoint's file name)
+  are recorded, not compared: a moved COCO folder resumes, and the
   annotation sha256 still guards the content.
 - **Pairing** (inverse modules with a cache, a training cache with its validation cache):
   the DETR that made the cache and the preprocessing must match. Perturbations are recorded
@@ -32,6 +35,8 @@ def resume_settings(attrs: dict) -> dict:
     settings = {key: attrs.get(key) for key in RESUME_KEYS}
     settings["model"] = _without(settings["model"], _MODEL_PATH_FIELDS)
     settings["source"] = _without(settings["source"], _SOURCE_PATH_FIELDS)
+    if isinstance(settings["codec"], dict):
+        settings["codec"] = {"keepbits": settings["codec"].get("keepbits")}
     return settings
 
 

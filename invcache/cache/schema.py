@@ -44,12 +44,14 @@ SCHEMA_VERSION = 2
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 1
 FLOAT_DTYPE = np.float16
-# Taps a lossless cache stores without a compressor, because Blosc zstd saves less than 10% on them and
-# decoding costs the reader more than the bytes saved (benchmarks/codecs.py; docs/performance.md, "Codecs
-# per tap"): the encoder and decoder outputs and the class logits, fp16 values whose mantissas do not
-# compress (1.02-1.06x on DETR-R50, at most 1.0x on the embedded default). input (1.6-1.7x), head.boxes
-# and backbone.c5 (post-ReLU zeros) keep Blosc. With --keepbits the rounded mantissas compress, and every
-# tap keeps Blosc.
+# A tap Blosc shrinks by less than this is stored without a compressor in a lossless cache (SPEC §3): the
+# bytes saved do not pay for the decoding (800-1000 MB/s a core, where reading a raw row is a copy).
+# Extraction measures each tap on its first batch (invcache.cache.codec_choice); caches created without
+# data (Cache.create alone) use UNCOMPRESSED, what benchmarks/codecs.py measured on DETR-R50 and the
+# embedded default: the encoder and decoder outputs and the class logits, fp16 values whose mantissas do
+# not compress (1.02-1.06x), while head.boxes (4x) and backbone.c5 (post-ReLU zeros) keep Blosc. With
+# --keepbits the rounded mantissas compress, and every tap keeps Blosc.
+COMPRESSION_WORTHWHILE = 1.1
 UNCOMPRESSED = ("enc.*", "dec.*", "head.logits")
 # input, in lossless and --keepbits caches alike (it is what DETR saw, kept bit for bit): lossless JPEG XL
 # stores a 480x640 photograph in 2.4-2.9x less space where Blosc zstd gets 1.4x (benchmarks/image_codecs.py).
@@ -91,13 +93,16 @@ def num_shards(num_images: int, shard_size: int) -> int:
     return max(1, math.ceil(num_images / shard_size))
 
 
-def codec_record(keepbits: int | None) -> dict:
-    """The root ``codec`` attribute: Blosc's settings, the checksum, ``keepbits``, the tap patterns stored
-    without a compressor (``uncompressed``) and the codec of ``input`` (``input``, as zarr metadata)."""
+def codec_record(keepbits: int | None, uncompressed: Sequence[str] | None = None) -> dict:
+    """The root ``codec`` attribute: Blosc's settings, the checksum, ``keepbits``, the taps (or tap patterns)
+    stored without a compressor (``uncompressed``: as measured, else :data:`UNCOMPRESSED`; none with
+    ``keepbits``) and the codec of ``input`` (``input``, as zarr metadata)."""
+    if keepbits is not None:
+        uncompressed = []
     return {
         "name": "blosc", "cname": BLOSC_CNAME, "clevel": BLOSC_CLEVEL, "shuffle": "bitshuffle",
-        "checksum": "crc32c", "keepbits": keepbits, "uncompressed": [] if keepbits is not None else list(UNCOMPRESSED),
-        "input": INPUT_CODEC.to_dict(),
+        "checksum": "crc32c", "keepbits": keepbits,
+        "uncompressed": list(UNCOMPRESSED if uncompressed is None else uncompressed), "input": INPUT_CODEC.to_dict(),
     }
 
 
@@ -112,15 +117,25 @@ def is_codec_record(codec: object) -> bool:
     ``input`` or ``uncompressed`` existed."""
     if not isinstance(codec, dict):
         return False
-    keepbits = codec.get("keepbits")
+    keepbits, uncompressed = codec.get("keepbits"), codec.get("uncompressed", [])
     if not (keepbits is None or (_is_positive_int(keepbits) and keepbits <= 10)):
         return False
-    record = codec_record(keepbits)
+    if not _is_uncompressed_list(uncompressed) or (keepbits is not None and uncompressed):
+        return False
+    record = codec_record(keepbits, uncompressed)
     for key in (None, *_LATER_CODEC_KEYS):
         record = {k: v for k, v in record.items() if k != key}
         if codec == record:
             return True
     return False
+
+
+def _is_uncompressed_list(value: object) -> bool:
+    """Distinct float taps, or the :data:`UNCOMPRESSED` patterns (what codec records hold under ``uncompressed``)."""
+    if not isinstance(value, list) or len(set(map(str, value))) != len(value):
+        return False
+    names = (HEAD_LOGITS, HEAD_BOXES, BACKBONE_C5, *UNCOMPRESSED)
+    return all(isinstance(t, str) and (t in names or (layer_index(t) is not None and len(t) < 12)) for t in value)
 
 
 def stored_as_image(tap: str, codec: Mapping) -> bool:
@@ -168,12 +183,14 @@ def bookkeeping_labels(name: str) -> dict:
     return {"dimension_names": dims, "attributes": {"description": description}}
 
 
-def tap_codecs(tap: str, keepbits: int | None) -> dict:
-    """``create_array`` keyword arguments for a tap's filters, serializer and compressors."""
-    if stored_as_image(tap, codec_record(keepbits)):
+def tap_codecs(tap: str, codec: Mapping) -> dict:
+    """``create_array`` keyword arguments for a tap's filters, serializer and compressors in a cache whose
+    record is ``codec``."""
+    if stored_as_image(tap, codec):
         return {"filters": [], "serializer": INPUT_CODEC, "compressors": [Crc32cCodec()]}
     compressors = [Crc32cCodec()]
-    if compressed(tap, codec_record(keepbits)):
+    keepbits = codec["keepbits"]
+    if compressed(tap, codec):
         compressors.insert(0, BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle.bitshuffle))
     filters = []
     if keepbits is not None and tap != INPUT:

@@ -33,6 +33,7 @@ from invcache.settings import DEFAULT_SHARD_SIZE
 from invcache.taps import DECODER_INPUT, INPUT
 
 if TYPE_CHECKING:
+    from invcache.cache.batches import CacheBatches
     from invcache.cache.reader import CacheSamples
 
 
@@ -125,9 +126,13 @@ class Cache:
         tap_shapes: Mapping[str, tuple[int, ...]],
         shard_size: int = DEFAULT_SHARD_SIZE,
         keepbits: int | None = None,
+        uncompressed: Sequence[str] | None = None,
         attributes: Mapping | None = None,
     ) -> Cache:
         """Create every array of an empty cache (replacing anything at ``location``).
+
+        ``uncompressed`` lists the taps stored without a compressor (what
+        :func:`invcache.cache.codec_choice.choose_uncompressed` measured; by default ``schema.UNCOMPRESSED``).
 
         The root ``zarr.json`` is written once, with every attribute in it (zarr's LocalStore writes
         it to a temporary file and renames it; an object store puts it whole): a creation cut short
@@ -143,7 +148,7 @@ class Cache:
             "taps": list(tap_shapes),
             "shard_size": shard_size,
             "num_images": num_images,
-            "codec": S.codec_record(keepbits),
+            "codec": (codec := S.codec_record(keepbits, uncompressed)),
         })
         cache = cls(group, location)
         for name, spec in S.bookkeeping_array_specs(num_images, shard_size, len(tap_shapes)).items():
@@ -153,7 +158,7 @@ class Cache:
             with _numcodecs_quiet():
                 group.create_array(
                     S.array_path(tap), shape=(num_images, *shape), dtype=S.tap_dtype(tap), chunks=(1, *shape),
-                    shards=(shard_size, *shape), fill_value=0, **S.tap_codecs(tap, keepbits), **S.tap_labels(tap),
+                    shards=(shard_size, *shape), fill_value=0, **S.tap_codecs(tap, codec), **S.tap_labels(tap),
                 )
         return cache
 
@@ -412,10 +417,16 @@ class Cache:
         return self.read(S.VALID, 0, self.num_images)
 
     def as_dataset(self, taps: list[str], **kwargs) -> CacheSamples:
-        """The torch dataset training uses over ``taps``; ``kwargs`` go to :class:`CacheSamples`."""
+        """A torch dataset of single samples of ``taps`` (for a DataLoader); ``kwargs`` go to :class:`CacheSamples`."""
         from invcache.cache.reader import CacheSamples
 
         return CacheSamples(self.location, taps, **kwargs)
+
+    def as_batches(self, taps: list[str], batch_size: int, **kwargs) -> CacheBatches:
+        """Shuffled batches of ``taps`` as training reads them; ``kwargs`` go to :class:`CacheBatches`."""
+        from invcache.cache.batches import CacheBatches
+
+        return CacheBatches(self.location, taps, batch_size, **kwargs)
 
     # -- writing --------------------------------------------------------------------------
 

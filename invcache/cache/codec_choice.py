@@ -1,0 +1,37 @@
+"""Which taps a cache stores without a compressor, measured on the first batch of the extraction.
+
+SPEC §3: codecs are chosen per tap by what they achieve, and a tap that Blosc shrinks by less than
+:data:`~invcache.cache.schema.COMPRESSION_WORTHWHILE` (about 1.1×) is stored raw, its crc32c kept.
+What compresses depends on the weights and the images (the encoder taps of DETR-R50 compress
+1.02–1.06×; the decoder taps of a model whose queries are near-equal, or rows of many zeros,
+compress far better), so extraction measures every tap on its first batch with the cache's own Blosc
+settings, one chunk per image as the cache stores it, and records the outcome in the codec record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from numcodecs import Blosc
+
+from invcache.cache import schema as S
+from invcache.taps import INPUT
+
+
+def blosc_ratios(rows: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Raw over Blosc-compressed bytes of each float tap's rows, each row compressed alone (one chunk per image)."""
+    blosc = Blosc(cname=S.BLOSC_CNAME, clevel=S.BLOSC_CLEVEL, shuffle=Blosc.BITSHUFFLE)
+    ratios = {}
+    for tap, values in rows.items():
+        if tap == INPUT or not len(values):
+            continue
+        values = np.ascontiguousarray(values, dtype=S.FLOAT_DTYPE)
+        stored = sum(len(blosc.encode(row.view(np.uint8).ravel())) for row in values)
+        ratios[tap] = values.nbytes / stored
+    return ratios
+
+
+def choose_uncompressed(rows: Mapping[str, np.ndarray]) -> list[str]:
+    """The taps of ``rows`` that Blosc shrinks by less than ``COMPRESSION_WORTHWHILE``, in the order given."""
+    return [tap for tap, ratio in blosc_ratios(rows).items() if ratio < S.COMPRESSION_WORTHWHILE]

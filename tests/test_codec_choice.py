@@ -1,0 +1,60 @@
+"""Per-cache codec choice: taps Blosc shrinks by less than 1.1x are stored raw, as measured on the first batch."""
+
+import numpy as np
+import zarr
+from numcodecs import Blosc
+
+from invcache.cache import schema as S
+from invcache.cache.codec_choice import blosc_ratios, choose_uncompressed
+from invcache.cache.inspect import verify_cache
+from invcache.cache.shard_codec import ShardCodec
+from invcache.cache.store import Cache
+
+
+def rows_like_detr(rng):
+    """LayerNorm'd fp16 noise (incompressible), equal queries and mostly empty boxes (compressible)."""
+    query = rng.standard_normal((1, 1, 16))
+    return {"enc.1": rng.standard_normal((4, 30, 16)).astype(np.float16),
+            "dec.1": np.repeat(query, 10, axis=1).repeat(4, axis=0).astype(np.float16),
+            "head.boxes": np.pad(rng.random((4, 5, 4)), ((0, 0), (0, 95), (0, 0))).astype(np.float16),
+            "input": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
+
+
+def test_the_ratio_is_raw_over_blosc_bytes_one_chunk_per_image_and_the_threshold_decides():
+    rows = rows_like_detr(np.random.default_rng(0))
+    ratios = blosc_ratios(rows)
+    blosc = Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE)
+    for tap in ("enc.1", "dec.1", "head.boxes"):
+        expected = rows[tap].nbytes / sum(len(blosc.encode(row.tobytes())) for row in rows[tap])
+        assert abs(ratios[tap] - expected) < 1e-12
+    assert "input" not in ratios  # stored with the image codec, never Blosc
+    assert ratios["enc.1"] < S.COMPRESSION_WORTHWHILE < ratios["dec.1"]
+    assert choose_uncompressed(rows) == ["enc.1"]
+
+
+def test_a_cache_created_with_a_measured_choice_stores_exactly_those_taps_raw(tmp_path):
+    rows = rows_like_detr(np.random.default_rng(1))
+    shapes = {tap: values.shape[1:] for tap, values in rows.items()}
+    cache = Cache.create(tmp_path / "c", num_images=4, tap_shapes=shapes, shard_size=4,
+                         uncompressed=choose_uncompressed(rows))
+    assert cache.attrs["codec"]["uncompressed"] == ["enc.1"]
+    kinds = {tap: type(cache.array(tap).compressors[0]).__name__ for tap in shapes}
+    assert kinds == {"enc.1": "Crc32cCodec", "dec.1": "BloscCodec", "head.boxes": "BloscCodec", "input": "Crc32cCodec"}
+    meta = S.empty_bookkeeping(4)
+    meta[S.IMAGE_ID][:], meta[S.VALID][:] = [1, 2, 3, 4], True
+    cache.write_shard(0, rows, meta)
+    assert ShardCodec(cache.array("dec.1")).blosc is not None
+    plain = zarr.open_group(tmp_path / "c", mode="r")
+    for tap, values in rows.items():
+        np.testing.assert_array_equal(plain[S.array_path(tap)][:], values)
+    assert verify_cache(str(tmp_path / "c")) == []
+
+
+def test_codec_records_with_measured_lists_are_valid_and_edited_ones_are_not():
+    assert S.is_codec_record(S.codec_record(None, ["enc.3", "dec.6", "head.logits"]))
+    assert S.is_codec_record(S.codec_record(None, []))
+    assert S.codec_record(4, ["enc.1"])["uncompressed"] == []  # --keepbits: every tap compressed
+    for bad in (["enc.1", "enc.1"], ["../x"], ["input"], [3], "enc.*", ["enc.1" + "0" * 20]):
+        record = {**S.codec_record(None), "uncompressed": bad}
+        assert not S.is_codec_record(record), bad
+    assert not S.is_codec_record({**S.codec_record(6), "uncompressed": ["enc.1"]})
