@@ -3,8 +3,9 @@
 For each ``--images`` count, a synthetic COCO train2017 of that many entries (over ``--distinct``
 generated JPEGs, :func:`common.synthetic_split`) is extracted into a workspace of its own with
 the CLI, and an inverse module is trained one epoch from that cache (no validation split).
-Each measured command is a child process of this script, run without DataLoader processes
-(``--num-workers 0``) so that its whole work is in it; its peak resident set comes from
+Each measured command is a child process of this script, run without worker processes
+(``extract --num-workers 0``; ``train`` reads in threads, ``--decode-threads 1``) so that its whole
+work is in it; its peak resident set comes from
 ``os.wait4``, the kernel's own count for that child. Growth = the largest split's peak over the
 smallest's.
 """
@@ -57,7 +58,7 @@ def main() -> None:
                       "--shard-size", str(args.shard_size)]
             extract_mb.append(peak_rss_mb(["extract", "--split", "train2017", *common]))
             train_mb.append(peak_rss_mb(["train", args.module, "--root", str(workspace), "--epochs", "1",
-                                         "--batch-size", str(args.batch_size), "--num-workers", "0"]))
+                                         "--batch-size", str(args.batch_size), "--decode-threads", "1"]))
     report("memory", model=args.model, size=args.size, images=counts, module=args.module,
            extract_peak_rss_mb=[round(v) for v in extract_mb], train_peak_rss_mb=[round(v) for v in train_mb],
            extract_growth=round(extract_mb[-1] / extract_mb[0], 3), train_growth=round(train_mb[-1] / train_mb[0], 3),

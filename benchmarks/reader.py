@@ -2,12 +2,16 @@
 
 The same activations are stored twice: as ``enc.6``, which the cache stores without a compressor
 (:data:`invcache.cache.schema.UNCOMPRESSED`), and as ``backbone.c5``, which keeps Blosc zstd.
-The uncompressed tap is compared with a raw np.memmap gather of the same bytes (target ≥ 0.5), the
-compressed one with the codec's own decode speed on the same chunks (target ≥ 0.8): numcodecs'
-Blosc decompressing every stored chunk, in as many threads as the reader has workers (Blosc
-releases the GIL), and nothing else. The reader is ``CacheSamples`` through a DataLoader, as
-training uses it (worker processes), and with ``decode_threads`` and no worker process. All read
-a warm page cache.
+The reader is ``CacheBatches``, as training uses it (``--threads`` decode threads, batches gathered
+into preallocated buffers). The uncompressed tap is compared with a raw np.memmap gather of the same
+bytes (``ratio``, target ≥ 0.5), the compressed one with the codec's own decode speed on the same
+chunks (``ratio_to_codec``, target ≥ 0.8): numcodecs' Blosc decompressing every stored chunk in
+``--threads`` threads (Blosc releases the GIL), and nothing else. Two more figures say where the
+time goes: ``decode``, every shard decoded whole by ``Cache.read_shard`` (file read, crc32c of every
+chunk, the codec) in ``--threads`` threads with nothing else, which bounds any reader built on it
+(``ratio_to_decode``); and the per-sample ``CacheSamples`` of before, with the same decode threads
+and, with ``--num-workers`` above 0, through a DataLoader with that many worker processes. All read
+a warm page cache; each figure is the best of three epochs.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from common import report, setup  # noqa: E402
 from writer import activations  # noqa: E402
 
 from invcache.cache import schema as S  # noqa: E402
+from invcache.cache.batches import CacheBatches  # noqa: E402
 from invcache.cache.reader import CacheSamples  # noqa: E402
 from invcache.cache.shard_codec import ShardCodec  # noqa: E402
 from invcache.cache.store import Cache  # noqa: E402
 
 RAW, COMPRESSED = "enc.6", "backbone.c5"  # the same rows, stored without and with a compressor
+REPEATS = 3
 
 
 def main() -> None:
@@ -40,7 +46,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="decode threads of the readers, threads of the codec")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="DataLoader workers of the CacheSamples baseline (0: that baseline is not run)")
     args = parser.parse_args()
     setup()
     rng = np.random.default_rng(0)
@@ -58,47 +66,74 @@ def main() -> None:
             cache.write_shard(s, {RAW: rows, COMPRESSED: rows}, meta)
             raw[start:stop] = rows
         raw.flush()
+        location = str(root / "cache")
 
-        def memmap_epoch() -> float:
+        def memmap_epoch(_: int) -> float:
             order = rng.permutation(args.images)
             started = time.perf_counter()
             for i in range(0, args.images, args.batch_size):
                 torch.from_numpy(raw[np.sort(order[i:i + args.batch_size])])
             return time.perf_counter() - started
 
-        def reader_epoch(tap: str, epoch: int, threads: bool = False) -> float:
-            samples = CacheSamples(str(root / "cache"), [tap], seed=0, epoch=epoch,
-                                   decode_threads=max(args.num_workers, 1) if threads else 1)
-            loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size,
-                                                 num_workers=0 if threads else args.num_workers)
+        codec = ShardCodec(cache.array(COMPRESSED))
+        assert codec.blosc is not None and ShardCodec(cache.array(RAW)).blosc is None
+        chunks = [chunk for s in range(cache.num_shards) for chunk in stored_chunks(codec, root / "cache", s)]
+
+        def codec_pass(_: int) -> float:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.threads) as pool:
+                for _ in pool.map(codec.blosc.decode, chunks, chunksize=16):
+                    pass
+            return time.perf_counter() - started
+
+        def decode_pass(tap: str) -> float:
+            reader = Cache.open(location)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.threads) as pool:
+                for _ in pool.map(lambda s: reader.read_shard(tap, s, complete=True), range(reader.num_shards)):
+                    pass
+            return time.perf_counter() - started
+
+        def batches_epoch(tap: str, epoch: int) -> float:
+            batches = CacheBatches(location, [tap], args.batch_size, seed=0, epoch=epoch, decode_threads=args.threads)
+            started = time.perf_counter()
+            count = sum(len(batch[tap]) for batch in batches)
+            assert count == args.images
+            return time.perf_counter() - started
+
+        def samples_epoch(tap: str, epoch: int, workers: int) -> float:
+            samples = CacheSamples(location, [tap], seed=0, epoch=epoch, decode_threads=1 if workers else args.threads)
+            loader = torch.utils.data.DataLoader(samples, batch_size=args.batch_size, num_workers=workers)
             started = time.perf_counter()
             count = sum(len(batch[tap]) for batch in loader)
             assert count == args.images
             return time.perf_counter() - started
 
-        codec = ShardCodec(cache.array(COMPRESSED))
-        assert codec.blosc is not None and ShardCodec(cache.array(RAW)).blosc is None
-        chunks = [chunk for s in range(cache.num_shards) for chunk in stored_chunks(codec, root / "cache", s)]
+        def best(run) -> float:
+            return min(run(epoch) for epoch in range(REPEATS))
 
-        def codec_pass() -> float:
-            started = time.perf_counter()
-            with ThreadPoolExecutor(max(args.num_workers, 1)) as pool:
-                for _ in pool.map(codec.blosc.decode, chunks, chunksize=16):
-                    pass
-            return time.perf_counter() - started
-
-        memmap_epoch()
-        seconds = {"memmap": min(memmap_epoch() for _ in range(3)), "codec": min(codec_pass() for _ in range(3))}
+        memmap_epoch(-1)
+        seconds = {"memmap": best(memmap_epoch), "codec": best(codec_pass)}
         for tap, name in ((RAW, "raw"), (COMPRESSED, "compressed")):
-            seconds[f"{name}_workers"] = min(reader_epoch(tap, e) for e in range(3))
-            seconds[f"{name}_threads"] = min(reader_epoch(tap, e, threads=True) for e in range(3))
+            seconds[f"{name}_decode"] = best(lambda _, tap=tap: decode_pass(tap))
+            seconds[f"{name}_batches"] = best(lambda epoch, tap=tap: batches_epoch(tap, epoch))
+            seconds[f"{name}_samples_threads"] = best(lambda epoch, tap=tap: samples_epoch(tap, epoch, 0))
+            if args.num_workers:
+                seconds[f"{name}_samples_workers"] = best(
+                    lambda epoch, tap=tap: samples_epoch(tap, epoch, args.num_workers))
     nbytes = args.images * shard[0].nbytes
-    raw_best = min(seconds["raw_workers"], seconds["raw_threads"])
-    compressed_best = min(seconds["compressed_workers"], seconds["compressed_threads"])
-    report("reader", images=args.images, batch_size=args.batch_size, num_workers=args.num_workers,
-           mb_s={name: round(nbytes / value / 1e6, 1) for name, value in seconds.items()},
-           ratio=round(seconds["memmap"] / raw_best, 3), target=0.5,
-           ratio_to_codec=round(seconds["codec"] / compressed_best, 3), target_to_codec=0.8)
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return round(seconds[numerator] / seconds[denominator], 3)
+
+    report("reader", images=args.images, batch_size=args.batch_size, threads=args.threads,
+           num_workers=args.num_workers, mb_s={name: round(nbytes / value / 1e6, 1) for name, value in seconds.items()},
+           ratio=ratio("memmap", "raw_batches"), target=0.5,
+           ratio_to_codec=ratio("codec", "compressed_batches"), target_to_codec=0.8,
+           ratio_to_decode={"raw": ratio("raw_decode", "raw_batches"),
+                            "compressed": ratio("compressed_decode", "compressed_batches")},
+           before={"ratio": ratio("memmap", "raw_samples_threads"),
+                   "ratio_to_codec": ratio("codec", "compressed_samples_threads")})
 
 
 def stored_chunks(codec: ShardCodec, root: Path, shard: int) -> list[bytes]:

@@ -2,7 +2,9 @@
 
 Targets: ≥ 3× for E⁻¹ and D⁻¹, ≥ 20× for P⁻¹ (same module, batch size and device). The
 recompute side loads and resizes the images, runs the frozen DETR for the module's input
-and target taps, then takes the same optimizer step; the cache side reads both taps.
+and target taps, then takes the same optimizer step; the cache side reads both taps with
+``CacheBatches``, as training does (``--decode-threads`` threads; ``--num-workers`` are the
+recompute side's DataLoader workers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, setup  # noqa: E402
 
 from invcache import taps as T  # noqa: E402
-from invcache.cache.reader import CacheSamples  # noqa: E402
+from invcache.cache.batches import CacheBatches  # noqa: E402
 from invcache.cache.store import Cache  # noqa: E402
 from invcache.data import generate_coco, open_split, parse_size  # noqa: E402
 from invcache.extraction import ExtractSettings, extract  # noqa: E402
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -84,8 +87,8 @@ def main() -> None:
                 recomputed = {t: v.clone() for t, v in forward_taps(detr, batch[T.INPUT], taps, amp).items()}
                 step(recomputed | {T.INPUT: batch[T.INPUT]})
 
-            cached = torch.utils.data.DataLoader(CacheSamples(str(root / "cache"), taps), batch_size=args.batch_size,
-                                                 num_workers=args.num_workers)
+            cached = CacheBatches(str(root / "cache"), taps, args.batch_size, decode_threads=args.decode_threads,
+                                  device=device)
             loaded = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                                  shuffle=True)
             from_cache = steps_per_second(cached, step, args.steps)

@@ -15,6 +15,7 @@ from invcache.errors import UsageError
 from invcache.workspace import TRAIN_SPLIT, VAL_SPLIT, Workspace, derived_cache
 
 DEFAULT_SIZE = (480, 640)
+DECODE_CHOICES = ("auto", "cpu", "device")
 DEFAULT_SHARD_SIZE = 256
 # How long a rank waits for the others at a collective before giving up (torchrun runs). Ranks
 # legitimately wait long (rank 0 reads every webdataset tar's metadata before the others
@@ -29,10 +30,21 @@ COLOR_MIN_AREA = 0.3
 TRADEOFF_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TRADEOFF_EPOCHS = 1
 TRADEOFF_LR = 1e-5
+# The training reader (invcache.cache.batches.CacheBatches): how many rows it shuffles together, as whole
+# shards (at least this many rows: 4 shards of 256), the most threads it decodes shards in by default, and
+# how many batches it gathers ahead of the one in use.
+SHUFFLE_WINDOW = 1024
+MAX_DECODE_THREADS = 4
+PREFETCH_BATCHES = 2
 
 
 def _cores() -> int:
     return os.cpu_count() or 1
+
+
+def default_decode_threads() -> int:
+    """Threads the training reader decodes shards in unless told: the cores, at most :data:`MAX_DECODE_THREADS`."""
+    return max(1, min(MAX_DECODE_THREADS, _cores()))
 
 
 @dataclass
@@ -69,6 +81,10 @@ class ExtractSettings:
     # cuDNN autotuning speeds up convolutions but picks kernels per run, so a resumed
     # extraction on GPU may differ in the last bits from an uninterrupted one: opt-in.
     cudnn_benchmark: bool = False
+    # Where JPEGs are decoded (DECODE_CHOICES): "cpu" in DataLoader workers with PIL, "device" in
+    # batches on the model's device (nvjpeg on CUDA; invcache.data.device_decode), "auto" the
+    # device when it is CUDA and no perturbation is set, else the CPU.
+    decode: str = "auto"
 
     def cache_location(self) -> str:
         """``--out``, else ``<root>/cache/<split>``, or with transforms the cache beside it that
@@ -99,11 +115,13 @@ class TrainSettings:
     out: str | os.PathLike | None = None
     resume: bool = False
     seed: int = 0
-    num_workers: int = 2
+    # Deprecated and ignored: the reader gathers batches in threads, without DataLoader worker processes.
+    num_workers: int | None = None
+    decode_threads: int = field(default_factory=default_decode_threads)
     width: str = "full"
     class_input: str = "onehot"
     device: str | None = None
-    buffer_size: int = 1024
+    shuffle_window: int = SHUFFLE_WINDOW  # rows shuffled together (whole shards); changes the data order
     log_every: int = 10
 
     def out_dir(self) -> Path:

@@ -67,7 +67,7 @@ class MainJob:
             started = time.perf_counter()
             result = invcache.train(invcache.TrainSettings(
                 name, workspace=self.root, epochs=self.epochs[name], batch_size=self.batch_size, resume=True,
-                width=self.width, num_workers=min(self.num_workers, 2), **extra))
+                width=self.width, **extra))
             say(f"train {result.out.name}: {result.epochs} epochs, best validation loss {result.best_val_loss:.4f} "
                 f"({time.perf_counter() - started:.1f} s)")
         settings = invcache.AnalyzeSettings(workspace=self.root, n=self.n, batch_size=self.analysis_batch_size)

@@ -34,7 +34,7 @@ def analysis_workspace(tmp_path_factory, synthetic_root):
     common = dict(model="detr-tiny", weights="demo", size=(128, 160), shard_size=8, batch_size=8, num_workers=0)
     extract(ExtractSettings(split="train2017", source="synthetic", workspace=root, synthetic_images=64, **common))
     extract(ExtractSettings(split="val2017", coco_root=synthetic_root, workspace=root, **common))
-    quick = dict(workspace=root, epochs=1, batch_size=16, num_workers=0, width="small")
+    quick = dict(workspace=root, epochs=1, batch_size=16, width="small")
     for name, extra in [("backbone-inv", {}), ("encoder-inv", {}), ("decoder-inv", {}), ("head-inv", {}),
                         ("head-inv", {"class_input": "scores"}), ("backbone-inv", {"from_tap": "enc.1"})]:
         train(TrainSettings(name, **quick, **extra))

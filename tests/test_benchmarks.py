@@ -28,11 +28,13 @@ CASES = {
     "image_codecs.py": ["--size", "64x96", "--repeats", "1"],
     "host_cost.py": ["--model", "detr-tiny", "--size", "64x96", "--images", "16", "--batch-size", "4",
                      "--shard-size", "8"],
+    "decode_paths.py": ["--size", "64x96", "--repeats", "1"],
 }
 RATIO_KEYS = {"writer.py": "ratio", "extract_overhead.py": "ratio", "storage.py": "mb_per_image",
               "reader.py": "ratio", "train_speed.py": "ratio", "gpu.py": "extract_vs_forward", "analysis.py": "ratio",
               "detr_loss.py": "matcher_share", "detr_train.py": "ratio", "memory.py": "extract_growth",
-              "codecs.py": "ratio", "image_codecs.py": "ratio", "host_cost.py": "cpu_ms_per_image"}
+              "codecs.py": "ratio", "image_codecs.py": "ratio", "host_cost.py": "cpu_ms_per_image",
+              "decode_paths.py": "ratio"}
 
 
 @pytest.mark.slow

@@ -349,8 +349,7 @@ def test_every_command_reading_a_corrupt_cache_exits_nonzero_in_one_line(copy, t
     commands = {
         "info": ["info", str(copy)],
         "verify": ["verify", str(copy)],
-        "train": ["train", "head-inv", "--cache", str(copy), "--root", str(workspace), "--epochs", "1",
-                  "--num-workers", "0"],
+        "train": ["train", "head-inv", "--cache", str(copy), "--root", str(workspace), "--epochs", "1"],
         "analyze": ["analyze", "stages", "--cache", str(copy), "--root", str(workspace)],
     }
     for command, args in commands.items():

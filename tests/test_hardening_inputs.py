@@ -215,8 +215,8 @@ def train_cache(tmp_path_factory) -> str:
 
 
 def quick(cache: str, out: Path, **overrides) -> TrainSettings:
-    return TrainSettings(**{**dict(name="encoder-inv", cache=cache, epochs=1, batch_size=4, num_workers=0,
-                                   out=str(out)), **overrides})
+    return TrainSettings(**{**dict(name="encoder-inv", cache=cache, epochs=1, batch_size=4, out=str(out)),
+                            **overrides})
 
 
 def test_an_unwritable_out_is_refused_before_any_training(train_cache, tmp_path, monkeypatch):
@@ -243,8 +243,7 @@ def test_an_unwritable_out_is_refused_before_any_training(train_cache, tmp_path,
 def test_cli_train_with_an_unwritable_out_exits_2_with_one_line(train_cache, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    result = run_cli("train", "head-inv", "--cache", train_cache, "--epochs", "1", "--num-workers", "0",
-                     "--out", str(a_file / "run"))
+    result = run_cli("train", "head-inv", "--cache", train_cache, "--epochs", "1", "--out", str(a_file / "run"))
     assert result.returncode == 2 and one_line(result.stderr), result.stderr
     assert f"cannot write to --out {a_file / 'run'}: Not a directory" in result.stderr
 
@@ -254,7 +253,7 @@ def test_cli_train_with_an_unwritable_out_exits_2_with_one_line(train_cache, tmp
 
 @pytest.fixture(scope="module")
 def trained(train_cache, tmp_path_factory) -> Path:
-    """A one-epoch encoder-inv run (``best`` and ``last``), trained with num_workers=0."""
+    """A one-epoch encoder-inv run (``best`` and ``last``), trained with the default settings."""
     out = tmp_path_factory.mktemp("trained") / "encoder-inv"
     train(quick(train_cache, out))
     return out
@@ -403,7 +402,7 @@ def test_optimizer_tensors_that_do_not_fit_are_refused(trained, train_cache, tmp
 def test_cli_train_resume_with_a_garbage_checkpoint_exits_1_with_one_line(trained, train_cache, tmp_path):
     copy = edited_copy(trained, tmp_path / "copy", lambda meta: '{"spec": ', stem="last")
     result = run_cli("train", "encoder-inv", "--cache", train_cache, "--epochs", "2", "--batch-size", "4",
-                     "--num-workers", "0", "--out", str(copy), "--resume")
+                     "--out", str(copy), "--resume")
     assert result.returncode == 1 and one_line(result.stderr), result.stderr
     assert f"{copy / 'last.json'} is not a checkpoint's JSON" in result.stderr
 
@@ -411,19 +410,22 @@ def test_cli_train_resume_with_a_garbage_checkpoint_exits_1_with_one_line(traine
 # --- item 12: a resume must not change the data order ----------------------------------------------------------
 
 
-def test_a_resume_with_another_worker_count_is_refused_naming_it(trained, train_cache, tmp_path):
+def test_a_resume_with_another_batch_size_or_shuffle_window_is_refused_naming_them(trained, train_cache, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
     with pytest.raises(InvcacheError, match=r"cannot resume the run in \S+ with settings that change the order or "
-                                            r"batching of its data \(--batch-size 4 -> 8; --num-workers 0 -> 2\)"):
-        train(quick(train_cache, copy, epochs=2, resume=True, num_workers=2, batch_size=8))
+                                            r"batching of its data \(--batch-size 4 -> 8; shuffle_window 1024 -> 8\)"):
+        train(quick(train_cache, copy, epochs=2, resume=True, shuffle_window=8, batch_size=8))
+    older = edited_copy(trained, tmp_path / "older", lambda meta: meta["settings"].pop("shuffle_window"), stem="last")
+    with pytest.raises(InvcacheError, match=r"\(the run was saved by the per-sample reader of earlier versions"):
+        train(quick(train_cache, older, epochs=2, resume=True))
 
 
-def test_zero_and_one_workers_give_the_same_order_so_that_resume_is_exact(trained, train_cache, tmp_path):
-    straight = train(quick(train_cache, tmp_path / "straight", epochs=2))
+def test_decode_threads_do_not_change_the_order_so_that_resume_is_exact(trained, train_cache, tmp_path):
+    straight = train(quick(train_cache, tmp_path / "straight", epochs=2, decode_threads=2))
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
-    resumed = train(quick(train_cache, copy, epochs=2, resume=True, num_workers=1))
+    resumed = train(quick(train_cache, copy, epochs=2, resume=True, decode_threads=1))
     assert resumed.steps == straight.steps
     for (key, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)

@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
 
 
 def quick(workspace: Path, name: str, **overrides) -> TrainSettings:
-    base = dict(name=name, workspace=str(workspace), epochs=2, batch_size=32, num_workers=0, width="small",
+    base = dict(name=name, workspace=str(workspace), epochs=2, batch_size=32, width="small",
                 out=str(workspace / "runs" / f"{name}-{overrides.pop('tag', 'x')}"))
     return TrainSettings(**{**base, **overrides})
 
@@ -173,7 +173,7 @@ def test_two_process_ddp_training_ends_with_the_same_weights_on_both_ranks(works
         from invcache.training import TrainSettings, train
         with process_group():
             result = train(TrainSettings("encoder-inv", workspace={str(workspace)!r}, epochs=1, batch_size=12,
-                                         num_workers=0, out={str(tmp_path / "ddp")!r}))
+                                         decode_threads=1, out={str(tmp_path / "ddp")!r}))
         torch.save(result.module.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
     """))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -210,13 +210,12 @@ def test_a_cache_without_complete_shards_is_refused(tmp_path):
     shutil.copytree(source, tmp_path / "empty")
     C.open(tmp_path / "empty", mode="r+").array("shard_complete")[:] = False
     with pytest.raises(UsageError, match="no complete shard"):
-        train(TrainSettings("head-inv", cache=str(tmp_path / "empty"), epochs=1, num_workers=0,
-                            out=str(tmp_path / "m")))
+        train(TrainSettings("head-inv", cache=str(tmp_path / "empty"), epochs=1, out=str(tmp_path / "m")))
     with pytest.raises(UsageError, match="has 4 images, not 5"):
         make_cache(tmp_path / "a", "val2017", 5)
 
 
-def test_a_corrupt_chunk_read_by_a_worker_is_one_line_naming_it(workspace, tmp_path):
+def test_a_corrupt_chunk_read_by_a_decode_thread_is_one_line_naming_it(workspace, tmp_path):
     import shutil
 
     copy = tmp_path / "train"
@@ -226,7 +225,7 @@ def test_a_corrupt_chunk_read_by_a_worker_is_one_line_naming_it(workspace, tmp_p
     data[100] ^= 0xFF
     shard_file.write_bytes(bytes(data))
     result = subprocess.run([sys.executable, "-m", "invcache.cli", "train", "head-inv", "--cache", str(copy),
-                             "--epochs", "1", "--batch-size", "32", "--num-workers", "1", "--out",
+                             "--epochs", "1", "--batch-size", "32", "--decode-threads", "2", "--out",
                              str(tmp_path / "m")], capture_output=True, text=True)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("invcache: error")]

@@ -36,7 +36,7 @@ RESULTS = "results.json"  # the name every analysis writes last (invcache.analys
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Settings fields whose command-line option has another name, and TrainSettings fields with no option at all.
 OPTION_NAMES = {"workspace": "root", "from_tap": "from", "transforms": "transform"}
-API_ONLY = {"buffer_size", "log_every"}
+API_ONLY = {"shuffle_window", "log_every"}
 # The Content-Security-Policy of the page: nothing loads but inline styles and data: images.
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 

@@ -11,7 +11,7 @@ def open_cache(path: str | os.PathLike) -> Cache:
 
     The returned :class:`Cache` gives ``.taps``, ``.attrs``, ``len()`` (images), ``cache[tap]``
     (a lazy :class:`TapView`), ``.image_ids``, ``.valid``, ``.mean_image`` and
-    ``.as_dataset(taps, ...)``.
+    ``.as_batches(taps, batch_size, ...)`` (what training reads) and ``.as_dataset(taps, ...)``.
     """
     return Cache.open(path)
 

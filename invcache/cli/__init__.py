@@ -31,6 +31,8 @@ from invcache.errors import InvcacheError, UsageError
 from invcache.settings import (
     COLOR_CATEGORIES,
     COLOR_MIN_AREA,
+    DECODE_CHOICES,
+    MAX_DECODE_THREADS,
     TRADEOFF_EPOCHS,
     TRADEOFF_LAMBDAS,
     TRADEOFF_LR,
@@ -157,7 +159,12 @@ def taps(model_name: str, weights: str, source: str, synthetic_images: int | Non
 @click.option("--batch-size", type=click.IntRange(1), default=default(ExtractSettings, "batch_size"),
               show_default=True)
 @click.option("--num-workers", type=click.IntRange(0), default=default(ExtractSettings, "num_workers"),
-              show_default=True, help="DataLoader processes decoding and resizing images.")
+              show_default=True, help="DataLoader processes decoding and resizing images (on the device path: "
+                                      "threads reading the files).")
+@click.option("--decode", type=click.Choice(DECODE_CHOICES), default=default(ExtractSettings, "decode"),
+              show_default=True, help="Where JPEGs are decoded and resized: cpu (PIL in DataLoader workers), device "
+                                      "(in batches on the model's device, nvjpeg on CUDA; other files and JPEGs it "
+                                      "rejects go to the CPU path), auto (device on CUDA unless --transform is given).")
 @device_option
 @amp_option
 @click.option("--cudnn-benchmark", is_flag=True, default=default(ExtractSettings, "cudnn_benchmark"),
@@ -185,10 +192,10 @@ def taps(model_name: str, weights: str, source: str, synthetic_images: int | Non
 @dist_timeout_option
 def extract(split: str, layers: str, source: str, synthetic_images: int | None, wds_pattern: str | None,
             coco_root: Path, root: Path, out: str | None, model_name: str, weights: str, size: tuple[int, int],
-            batch_size: int, num_workers: int, device: str | None, amp: str | None, cudnn_benchmark: bool,
-            limit: int | None, transforms: tuple[str, ...], ids_text: str | None, ids_file: Path | None,
-            shard_size: int, keepbits: int | None, writers: int, overwrite: bool, strict: bool, force: bool,
-            dist_timeout: float) -> None:
+            batch_size: int, num_workers: int, decode: str, device: str | None, amp: str | None,
+            cudnn_benchmark: bool, limit: int | None, transforms: tuple[str, ...], ids_text: str | None,
+            ids_file: Path | None, shard_size: int, keepbits: int | None, writers: int, overwrite: bool, strict: bool,
+            force: bool, dist_timeout: float) -> None:
     """Stream a split through frozen DETR into a sharded fp16 zarr cache (resumable; torchrun shares it out)."""
     from invcache.cli.display import ExtractBar
     from invcache.distributed import process_group
@@ -199,7 +206,7 @@ def extract(split: str, layers: str, source: str, synthetic_images: int | None, 
         model=model_name, weights=weights, size=size, batch_size=batch_size, num_workers=num_workers,
         device=device, amp=amp, limit=limit, transforms=transforms, ids=_extract_ids(ids_text, ids_file),
         shard_size=shard_size, keepbits=keepbits, overwrite=overwrite, strict=strict, force=force, writers=writers,
-        synthetic_images=synthetic_images, cudnn_benchmark=cudnn_benchmark,
+        synthetic_images=synthetic_images, cudnn_benchmark=cudnn_benchmark, decode=decode,
     )
     with process_group(dist_timeout) as (rank, _world), ExtractBar(f"extract {split}") as bar:
         callbacks = {"progress": bar.advance, "on_plan": bar.plan} if rank == 0 else {}
@@ -337,8 +344,11 @@ class _TrainCommand(click.Command):
 @click.option("--out", default=default(TrainSettings, "out"), help="Checkpoint folder [default: <root>/modules/NAME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--seed", type=int, default=default(TrainSettings, "seed"), show_default=True)
-@click.option("--num-workers", type=click.IntRange(0), default=default(TrainSettings, "num_workers"),
-              show_default=True)
+@click.option("--decode-threads", type=click.IntRange(1), default=default(TrainSettings, "decode_threads"),
+              show_default=f"the cores, at most {MAX_DECODE_THREADS}",
+              help="Threads that read and decode the cache's shards into batches.")
+@click.option("--num-workers", type=click.IntRange(0), default=default(TrainSettings, "num_workers"), hidden=True,
+              help="Deprecated and ignored (batches are read in --decode-threads threads).")
 @click.option("--width", type=click.Choice(["full", "small"]), default=default(TrainSettings, "width"),
               show_default=True, help="B⁻¹ width: the authors' (~79M parameters) or 1/8 of it for CPUs.")
 @click.option("--class-input", type=click.Choice(["onehot", "scores"]), default=default(TrainSettings, "class_input"),
@@ -347,7 +357,8 @@ class _TrainCommand(click.Command):
 @dist_timeout_option
 def train_command(name: str, cache: str | None, val_cache: str | None, root: Path, from_tap: str | None, epochs: int,
                   batch_size: int, lr: float | None, amp: str | None, out: str | None, resume: bool, seed: int,
-                  num_workers: int, width: str, class_input: str, device: str | None, dist_timeout: float) -> None:
+                  decode_threads: int, num_workers: int | None, width: str, class_input: str, device: str | None,
+                  dist_timeout: float) -> None:
     """Train an inverse module from the cache alone (DETR is never run; torchrun trains data-parallel).
 
     `invcache train detr [OPTIONS]` trains DETR itself instead (see `invcache train detr --help`)."""
@@ -357,9 +368,12 @@ def train_command(name: str, cache: str | None, val_cache: str | None, root: Pat
 
     if name == "detr":  # only reached when options came before it: `train detr` is dispatched by _TrainCommand
         raise UsageError("write the options of `invcache train detr` after detr: invcache train detr [OPTIONS]")
+    if num_workers is not None:
+        print("invcache: warning: --num-workers is deprecated and ignored: batches are read in --decode-threads "
+              "threads, without worker processes", file=sys.stderr)
     settings = TrainSettings(
         name=name, cache=cache, val_cache=val_cache, workspace=root, from_tap=from_tap, epochs=epochs,
-        batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, num_workers=num_workers,
+        batch_size=batch_size, lr=lr, amp=amp, out=out, resume=resume, seed=seed, decode_threads=decode_threads,
         width=width, class_input=class_input, device=device,
     )
     with process_group(dist_timeout) as (rank, _world), TrainDisplay() as display:

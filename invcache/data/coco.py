@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from pycocotools.coco import COCO
 
+from invcache.data.encoded import EncodedImage
 from invcache.data.preprocess import ImageReadError, failed_sample, load_sample
 from invcache.data.selection import restrict_ids
 from invcache.data.transforms import Transform
@@ -174,6 +176,25 @@ class CocoFolder(torch.utils.data.Dataset):
             return failed_sample(image_id, record, self.size, str(exc)).as_dict()
         annotations = self.coco.imgToAnns.get(image_id, []) if self.transforms else ()
         return load_sample(image_id, path, record, self.size, self.transforms, annotations).as_dict()
+
+    def encoded(self, index: int) -> EncodedImage:
+        """Item ``index`` as its file's bytes, for the device decode path (thread-safe: it only reads).
+
+        A file that cannot be read, or a ``file_name`` that :meth:`image_file` refuses, gets no
+        bytes: the CPU path (this dataset's item) then records the failure exactly as it does.
+        """
+        image_id = self.image_ids[index]
+        data = None
+        try:
+            path = self.image_file(self.coco.imgs[image_id])
+            with open(path, "rb") as handle:
+                # a bytearray: torch.frombuffer wants a writable buffer, and readinto fills it without a copy
+                data = bytearray(os.fstat(handle.fileno()).st_size)
+                if handle.readinto(data) != len(data):
+                    data = None  # the file changed while being read: let the CPU path read it
+        except (ImageReadError, OSError):
+            data = None
+        return EncodedImage(index, image_id, data, functools.partial(self.__getitem__, index))
 
     def image_file(self, record: dict) -> Path:
         """The file of an image record: its ``file_name`` under the split folder.

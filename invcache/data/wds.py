@@ -8,12 +8,13 @@ streaming (an unreachable URL, a corrupt tar) is raised as one line naming the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 
 from invcache.data.coco import CocoFolder, image_record_problem
+from invcache.data.encoded import EncodedImage
 from invcache.data.preprocess import ImageReadError, Sample, failed_sample, load_sample
 from invcache.data.selection import restrict_ids
 from invcache.data.transforms import Transform
@@ -155,22 +157,28 @@ class WdsImages(torch.utils.data.IterableDataset):
         self.transforms = tuple(transforms)
 
     def samples(self) -> Iterator[Sample]:
+        return (self.sample(meta, raw) for meta, raw in self.raw_samples())
+
+    def raw_samples(self) -> Iterator[tuple[dict, dict]]:
+        """The kept samples undecoded: (their checked ``.json``, the raw webdataset sample)."""
         stream = wds.WebDataset(
             self.urls, shardshuffle=False, nodesplitter=_every_node, workersplitter=wds.split_by_worker,
             empty_check=False,
         )
-        # The image is the sample's .jpg bytes, never a file its key or .json names: a shard
-        # cannot make the reader open anything outside it.
         for raw in _stream(stream, self.urls):
             meta = sample_metadata(raw)
-            record = meta["image"]
-            if not self._keep(record):
-                continue
-            if "jpg" not in raw:
-                yield failed_sample(record["id"], record, self.size, f"no .jpg in webdataset sample {raw['__key__']}")
-                continue
-            annotations = (meta.get("annotations") or ()) if self.transforms else ()
-            yield load_sample(record["id"], raw["jpg"], record, self.size, self.transforms, annotations)
+            if self._keep(meta["image"]):
+                yield meta, raw
+
+    def sample(self, meta: dict, raw: dict) -> Sample:
+        """One raw sample decoded, perturbed and resized (the CPU path)."""
+        # The image is the sample's .jpg bytes, never a file its key or .json names: a shard
+        # cannot make the reader open anything outside it.
+        record = meta["image"]
+        if "jpg" not in raw:
+            return failed_sample(record["id"], record, self.size, f"no .jpg in webdataset sample {raw['__key__']}")
+        annotations = (meta.get("annotations") or ()) if self.transforms else ()
+        return load_sample(record["id"], raw["jpg"], record, self.size, self.transforms, annotations)
 
     def _keep(self, record: dict) -> bool:
         return True
@@ -232,6 +240,24 @@ class WdsSplit:
         for batch in loader:
             batch["row"] = torch.as_tensor([row_of[int(i)] for i in batch["image_id"]])
             yield batch
+
+    def iter_encoded(self, rows: list[int]) -> Iterator[EncodedImage]:
+        """The rows asked for as their ``.jpg`` bytes, in shard order (the rows' order), for the device path.
+
+        Read in the calling thread, one shard after the other; each image's ``cpu_sample`` is
+        what :meth:`iter_rows` would give for it.
+        """
+        row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        images = _SelectedImages(self.urls, self.size, {self.image_ids[r] for r in rows}, self.transforms)
+        for meta, raw in images.raw_samples():
+            image_id = meta["image"]["id"]
+            data = raw.get("jpg")
+            yield EncodedImage(row_of[image_id], image_id, bytearray(data) if data is not None else None,
+                               functools.partial(_as_dict, images.sample, meta, raw))
+
+
+def _as_dict(sample: Callable[[dict, dict], Sample], meta: dict, raw: dict) -> dict:
+    return sample(meta, raw).as_dict()
 
 
 class _SelectedImages(WdsImages):

@@ -12,7 +12,8 @@ Three stages, each usable alone:
   whose batches arrive in row order; up to one per DataLoader worker for webdataset).
 
 :func:`run_extraction` composes them. DataLoader workers decode and resize
-(:func:`loader_batches`).
+(:func:`loader_batches`), or the device path decodes on the model's device
+(:func:`invcache.extraction.device_loader.device_batches`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,9 @@ def forward_to_host(model, batch: dict, taps: list[str], amp: torch.dtype | None
     out = forward_taps(model, batch["input"], taps, amp)
     host: dict[str, torch.Tensor] = {}
     for tap in taps:
-        if tap == INPUT:
-            host[tap] = batch["input"]
-            continue
-        values = out[tap].to(torch.float16)
+        # ``input`` is the very batch the model was fed: from the CPU path it is on the host
+        # already; from the device path it is copied back like the other taps
+        values = batch["input"] if tap == INPUT else out[tap].to(torch.float16)
         if values.is_cuda:
             pinned = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             pinned.copy_(values, non_blocking=True)

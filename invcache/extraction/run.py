@@ -1,6 +1,8 @@
 """``invcache extract``: stream a split through frozen DETR into a sharded cache (SPEC §3, §6, §7).
 
-DataLoader workers decode and resize; the forward runs under inference mode (and autocast
+DataLoader workers decode and resize (the CPU path), or threads read JPEG bytes that are
+decoded and resized in batches on the model's device (the device path, ``--decode``;
+``invcache.extraction.device_loader``); the forward runs under inference mode (and autocast
 on GPU); rows are gathered into whole-shard buffers that a pool of writer threads
 compresses and writes while the next batches run (``invcache.extraction.loop``). A shard is
 marked complete only after all of its arrays are written, so rerunning the same command
@@ -33,21 +35,24 @@ import torch.distributed as dist
 
 from invcache import __version__
 from invcache.cache import schema as S
+from invcache.cache.codec_choice import choose_uncompressed
 from invcache.cache.lock import writer_lock
 from invcache.cache.provenance import resume_differences
 from invcache.cache.store import Cache
 from invcache.data import open_split, preprocessing_record
 from invcache.data.coco import CocoFolder
+from invcache.data.device_decode import DeviceDecoder
 from invcache.data.preprocess import check_size
 from invcache.data.transforms import parse_transform, resolve_transforms
 from invcache.data.wds import WdsSplit
 from invcache.distributed import barrier, rank0_first, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
-from invcache.extraction.loop import ExtractionTotals, loader_batches, run_extraction
+from invcache.extraction.device_loader import device_batches
+from invcache.extraction.loop import ExtractionTotals, forward_to_host, loader_batches, run_extraction
 from invcache.forward import resolve_amp
 from invcache.hashing import bytes_sha256
 from invcache.models import build_detr, get_config
-from invcache.settings import ExtractSettings
+from invcache.settings import DECODE_CHOICES, ExtractSettings
 from invcache.taps import INPUT
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,7 @@ def extract(
         raise UsageError(f"no images in {settings.split}")
     # A shard never holds more images than the cache: its index has one entry per image it could hold.
     shard_size = min(settings.shard_size, len(image_ids))
+    decoder = DeviceDecoder(settings.size, device) if _decode_on_device(settings, device) else None
     model = build_detr(settings.model, settings.weights, device=device)
     tap_shapes = {tap: config.tap_shape(tap, settings.size) for tap in taps}
     attributes = {
@@ -117,11 +123,19 @@ def extract(
     }
 
     with ExitStack() as held, _naming_the_cache(location):
+        def measure_codecs() -> list[str] | None:
+            """The taps the first batch shows not worth compressing (SPEC §3; None if it holds no valid image)."""
+            first = next(loader_batches(dataset, list(range(min(settings.batch_size, len(image_ids)))),
+                                        settings.batch_size, 0))
+            valid = first["valid"].numpy().astype(bool)
+            arrays = forward_to_host(model, first, taps, resolve_amp(settings.amp, device)).arrays()
+            return choose_uncompressed({t: a[valid] for t, a in arrays.items()}) if valid.any() else None
+
         def create_or_resume() -> Cache:
             # Rank 0 takes the lock before it looks at the cache and holds it until the run ends; the
             # other ranks write only after rank 0 succeeded here, so they need no lock of their own.
             held.enter_context(writer_lock(location))
-            return _create_or_resume(location, settings, attributes, tap_shapes)
+            return _create_or_resume(location, settings, attributes, tap_shapes, measure_codecs)
 
         cache = rank0_first(create_or_resume, lambda: Cache.open(location, mode="r+"), rank, world)
 
@@ -137,11 +151,19 @@ def extract(
 
         started = time.perf_counter()
         rows = [r for s in owned for r in range(*cache.shard_bounds(s))]
+        if decoder is not None:
+            # threads read bytes (I/O, GIL released); at least one even where no DataLoader worker is asked for
+            batches = device_batches(dataset, rows, settings.batch_size, decoder, max(1, settings.num_workers))
+        else:
+            batches = loader_batches(dataset, rows, settings.batch_size, settings.num_workers)
         with _cudnn_benchmark(settings.cudnn_benchmark):
             totals = run_extraction(
-                cache, loader_batches(dataset, rows, settings.batch_size, settings.num_workers), image_ids,
-                model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
+                cache, batches, image_ids, model, taps, resolve_amp(settings.amp, device), settings.writers, progress,
             ) if rows else ExtractionTotals()
+        if decoder is not None and rows:
+            counts = decoder.counts
+            log.info(f"decoded {counts.device} image(s) on {device}, {sum(counts.cpu.values())} on the CPU path"
+                     + "".join(f"; {n} {reason}" for reason, n in counts.cpu.most_common()))
         if INPUT in taps and not (cache.has_mean_image() and not owned_anywhere):
             _store_mean_image(cache, totals, skipped, rank, world, device)
         barrier(world)
@@ -151,6 +173,9 @@ def extract(
                 "failures": failures,
                 "complete": bool(cache.complete_shards().all()),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                # provenance only (not compared on resume): which decoder made this run's rows
+                "decode": {"path": "device" if decoder is not None else "cpu", "device": str(device),
+                           **(decoder.counts.record() if decoder is not None else {})},
                 # the last run's settings (as given: --shard-size before clamping), so a report can
                 # show the command that made the cache
                 "settings": _jsonable(asdict(settings)),
@@ -178,6 +203,17 @@ def _store_mean_image(cache: Cache, totals: ExtractionTotals, skipped: list[int]
         cache.write_mean_image(total, count)
 
 
+def _decode_on_device(settings: ExtractSettings, device: torch.device) -> bool:
+    """``--decode``: ``device`` always, ``cpu`` never, ``auto`` on a CUDA device when no perturbation is set.
+
+    Perturbations run on the original-size image on the host (SPEC §5): decoding it on the GPU
+    would bring its pixels back across the bus, so ``auto`` keeps such runs on the CPU path.
+    """
+    if settings.decode == "auto":
+        return device.type == "cuda" and not settings.transforms
+    return settings.decode == "device"
+
+
 @contextmanager
 def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
     """cuDNN autotuning for this extraction only (it is process-wide state, so restore it)."""
@@ -195,6 +231,11 @@ def _validate(settings: ExtractSettings) -> None:
         raise UsageError(f"transforms is a sequence of transforms, e.g. ({settings.transforms!r},)")
     for text in settings.transforms:
         parse_transform(text)  # the syntax, before any source is opened
+    if settings.decode not in DECODE_CHOICES:
+        raise UsageError(f"bad --decode {settings.decode!r}; choose one of: {', '.join(DECODE_CHOICES)}")
+    if settings.decode == "device" and settings.transforms:
+        raise UsageError("--decode device cannot apply --transform: perturbations run on the original-size image "
+                         "on the host, which the device path never has; use --decode cpu (or auto)")
     if settings.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
     if settings.batch_size < 1:
@@ -245,7 +286,10 @@ def _open_source(settings: ExtractSettings):
     )
 
 
-def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict) -> Cache:
+def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict, tap_shapes: dict,
+                      measure_codecs: Callable[[], list[str] | None]) -> Cache:
+    """Resume the cache at ``location``, or create it; a lossless cache stores raw the taps ``measure_codecs``
+    names (measured on the first batch, only when the cache is created)."""
     found = Cache.probe(location)
     if found == "foreign":
         # --overwrite included: it replaces a cache, never whatever else a mistyped --out names
@@ -274,7 +318,8 @@ def _create_or_resume(location: str, settings: ExtractSettings, attributes: dict
         shutil.rmtree(location)
     cache = Cache.create(
         location, num_images=num_images, tap_shapes=tap_shapes, shard_size=shard_size,
-        keepbits=settings.keepbits, attributes={**attributes, "state": "creating"},
+        keepbits=settings.keepbits, uncompressed=measure_codecs() if settings.keepbits is None else None,
+        attributes={**attributes, "state": "creating"},
     )
     cache.group.attrs.update({
         "state": "ready", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),

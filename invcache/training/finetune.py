@@ -30,6 +30,7 @@ import torch
 from pycocotools.coco import COCO
 
 from invcache import taps as T
+from invcache.cache.batches import CacheBatches
 from invcache.cache.provenance import differences
 from invcache.cache.store import Cache
 from invcache.chain import STAGE_CHAINS, LoadedModule
@@ -41,6 +42,7 @@ from invcache.models import DETR
 from invcache.models.loss import SetCriterion, coco_target
 from invcache.models.matcher import DetrTarget
 from invcache.models.weights import weights_sha256
+from invcache.settings import SHUFFLE_WINDOW
 from invcache.taps import INPUT
 from invcache.training import checkpoint
 from invcache.training.detr import dropout, make_trainable
@@ -75,8 +77,9 @@ def run_settings(start: DETR, modules: Mapping[str, LoadedModule], train: Cache,
         "lr": lr, "batch_size": batch_size, "seed": seed, "clip_max_norm": CLIP_MAX_NORM, "dropout": DROPOUT,
         "detr": {"model": start.config.name, "weights_sha256": start.fingerprint["weights_sha256"]},
         "modules": {name: file_sha256(modules[name].directory / "best.safetensors") for name in CHAIN},
-        # the images and their order: which are valid, and the shards CacheSamples shuffles
-        "train_images": {"count": len(ids), "ids_sha256": bytes_sha256(ids.tobytes()), "shard_size": train.shard_size},
+        # the images and their order: which are valid, and the shards CacheBatches shuffles together
+        "train_images": {"count": len(ids), "ids_sha256": bytes_sha256(ids.tobytes()), "shard_size": train.shard_size,
+                         "shuffle_window": SHUFFLE_WINDOW},
         "train_annotations": annotation["sha256"],
         "train_cache": train.location, "detr_weights": start.fingerprint["weights"],
     }
@@ -108,8 +111,8 @@ def finetune(lam: float, folder: Path, state: dict, start: DETR, modules: Mappin
 
     for epoch in range(state["epochs"], epochs):
         started = time.perf_counter()
-        samples = train.as_dataset([INPUT], seed=settings["seed"], epoch=epoch)
-        loader = torch.utils.data.DataLoader(samples, batch_size=settings["batch_size"])
+        batches = CacheBatches(train.location, [INPUT], settings["batch_size"], seed=settings["seed"], epoch=epoch,
+                               shuffle_window=settings["train_images"]["shuffle_window"], device=device)
         detr.train()  # for its dropout; its batch norms are frozen statistics
         for module in chain.values():  # B⁻¹'s batch norms keep their trained statistics, as DETR's do
             module.eval()
@@ -118,7 +121,7 @@ def finetune(lam: float, folder: Path, state: dict, start: DETR, modules: Mappin
         # dropout draws from a generator seeded by (seed, epoch); fork_rng leaves the caller's RNG as it was
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), dropout(detr, DROPOUT):
             torch.manual_seed(hash((settings["seed"], epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-            for batch in loader:
+            for batch in batches:
                 images = batch[INPUT].to(device)
                 targets = [detr_target(coco, int(i), detr.config.num_classes, device) for i in batch["image_id"]]
                 embeddings = detr(normalize(images), decoder_taps)

@@ -10,11 +10,13 @@ Adam at the module's learning rate; one validation pass per epoch on the validat
 (the training loss stands in without one); ``last`` is saved every epoch (weights,
 optimizer, epoch), ``best`` whenever the validation loss improves; one JSON line per epoch
 in ``metrics.jsonl``. Losses are summed on the device and read back only every
-``log_every`` steps and at the end of an epoch. Data order depends only on (seed, epoch)
-and the settings of :data:`_ORDER_SETTINGS`, so a run resumed from ``last`` continues
-exactly as the uninterrupted run would; a resume that changes one of those is refused. Under
-``torchrun`` (inside :func:`invcache.distributed.process_group`) the module is wrapped in
-DistributedDataParallel and every rank reads its share of the cache.
+``log_every`` steps and at the end of an epoch. Batches come from
+:class:`invcache.cache.batches.CacheBatches` (whole shards decoded in ``decode_threads``
+threads, gathered into preallocated buffers, pinned on CUDA; no DataLoader workers). Data order
+depends only on (seed, epoch) and the settings of :data:`_ORDER_SETTINGS`, so a run resumed from
+``last`` continues exactly as the uninterrupted run would; a resume that changes one of those is
+refused. Under ``torchrun`` (inside :func:`invcache.distributed.process_group`) the module is
+wrapped in DistributedDataParallel and every rank reads its share of the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from invcache import taps as T
-from invcache.cache.reader import CacheSamples
+from invcache.cache.batches import CacheBatches
 from invcache.cache.store import Cache
 from invcache.distributed import barrier, rank_and_world, resolve_device
 from invcache.errors import InvcacheError, UsageError
@@ -123,6 +126,10 @@ def prepare(settings: TrainSettings) -> TrainRun:
     """Check the caches, build the module and its optimizer, and restore ``last`` when resuming."""
     if settings.epochs < 1 or settings.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
+    if settings.decode_threads < 1 or settings.shuffle_window < 1:
+        raise UsageError("--decode-threads and shuffle_window must be at least 1")
+    if settings.num_workers is not None:
+        warnings.warn(NUM_WORKERS_DEPRECATED, FutureWarning, stacklevel=3)
     rank, world = rank_and_world()
     device = resolve_device(settings.device, rank)
     location = settings.cache or str(Workspace.at(settings.workspace).cache(TRAIN_SPLIT))
@@ -138,7 +145,7 @@ def prepare(settings: TrainSettings) -> TrainRun:
     complete = Cache.open(location).complete_shards()
     if not complete.any():
         raise UsageError(f"{location} has no complete shard yet; finish its extraction first")
-    if not CacheSamples(location, [spec.target], shuffle=False).total:
+    if not CacheBatches(location, [spec.target], settings.batch_size, shuffle=False).total:
         raise UsageError(f"{location} has no valid image in its complete shards; nothing to train on")
     if not complete.all():
         log.warning(f"{location} is partly extracted ({int(complete.sum())} of {len(complete)} shards); "
@@ -192,17 +199,17 @@ def train_step(spec: InverseSpec, model: torch.nn.Module, optimizer: torch.optim
 def train_epoch(run: TrainRun, epoch: int, progress: Callable[[TrainProgress], None] | None = None) -> float:
     """One epoch of steps over this rank's share of the training cache; returns the mean loss across ranks."""
     settings = run.settings
-    samples = CacheSamples(run.location, run.taps, seed=settings.seed, epoch=epoch,
-                           buffer_size=settings.buffer_size, rank=run.rank, world=run.world)
-    # No drop_last: every rank's workers hold the same numbers of rows (CacheSamples), so the ranks
-    # take the same number of steps with their partial batches too, and no row is skipped.
-    loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                                         generator=_loader_generator(settings.seed, epoch))
-    steps = samples.batches(settings.batch_size, settings.num_workers)
+    # No drop_last: every rank holds the same number of rows (equal shares), so the ranks take the
+    # same number of steps with their partial last batch too, and no row is skipped.
+    batches = CacheBatches(run.location, run.taps, settings.batch_size, seed=settings.seed, epoch=epoch,
+                           shuffle_window=settings.shuffle_window, rank=run.rank, world=run.world,
+                           decode_threads=settings.decode_threads, device=run.device)
+    steps = len(batches)
     run.trainee.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     seen, started = 0, time.perf_counter()
-    for done, batch in enumerate(loader, start=1):
+    for done, batch in enumerate(batches, start=1):
+        # the reader's buffers, refilled once the next batch is asked for (after these copies, on CUDA)
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if k in run.taps}
         loss = train_step(run.spec, run.trainee, run.optimizer, run.scaler, batch, run.amp)
         size = len(batch[run.spec.target])
@@ -219,16 +226,14 @@ def train_epoch(run: TrainRun, epoch: int, progress: Callable[[TrainProgress], N
 def evaluate(spec: InverseSpec, module: torch.nn.Module, location: str, settings: TrainSettings,
              device: torch.device, amp: torch.dtype | None, rank: int = 0, world: int = 1) -> float:
     """Mean loss per image over every valid image of a cache (each rank takes its share, no padding)."""
-    samples = CacheSamples(location, [*spec.inputs, spec.target], shuffle=False, rank=rank, world=world,
-                           equal_shares=False)
-    loader = torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                                         generator=_loader_generator(settings.seed, -1))
+    batches = CacheBatches(location, [*spec.inputs, spec.target], settings.batch_size, shuffle=False, rank=rank,
+                           world=world, equal_shares=False, decode_threads=settings.decode_threads, device=device)
     was_training = module.training
     module.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items() if k in spec.inputs or k == spec.target}
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in spec.inputs or k == spec.target}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             prediction = run_inverse(spec, module, batch)
         total += inverse_loss(spec, prediction, batch).double() * len(prediction)
@@ -313,27 +318,25 @@ def _restore(run: TrainRun, attrs: dict) -> None:
             raise InvcacheError(f"{where}: its grad_scaler state cannot be restored ({exc!r})") from None
 
 
-# What an epoch's batches depend on besides (seed, epoch), with their flags: each DataLoader
-# worker takes a contiguous block of the epoch's rows (of its rank's share), shuffles it in its
-# own buffer and batches it, so the worker count, the buffer, the batch size and the number of
-# ranks all change which rows meet in a step. 0 and 1 workers give the same batches (one block,
-# the same buffer). A change is refused, not absorbed: an order independent of the worker count
-# would need one global shuffle, and CacheSamples keeps per-worker blocks for shard locality.
-_ORDER_SETTINGS = {"seed": "--seed", "batch_size": "--batch-size", "num_workers": "--num-workers",
-                   "buffer_size": "buffer_size", "world_size": "the number of torchrun processes"}
+# What an epoch's batches depend on besides (seed, epoch), with their flags (CacheBatches): the
+# shuffle window decides which rows can meet in a batch, the batch size and the number of ranks
+# how the epoch's sequence is cut. Decode threads change only the speed. A run saved before
+# CacheBatches (it records no shuffle_window) read its data in another order, so it cannot be
+# continued exactly either.
+_ORDER_SETTINGS = {"seed": "--seed", "batch_size": "--batch-size", "shuffle_window": "shuffle_window",
+                   "world_size": "the number of torchrun processes"}
+NUM_WORKERS_DEPRECATED = ("num_workers (--num-workers) is deprecated and ignored: training reads batches in "
+                          "decode_threads (--decode-threads) threads, without DataLoader worker processes")
 
 
 def _order_differences(saved: dict, run: TrainRun) -> list[str]:
-    """``--num-workers 2 -> 3`` for each setting of ``run`` that would continue the saved run in another order."""
+    """``--batch-size 64 -> 128`` for each setting of ``run`` that would continue the saved run in another order."""
+    if "shuffle_window" not in saved:
+        return ["the run was saved by the per-sample reader of earlier versions, whose order this one does not "
+                "reproduce"]
     current = {**asdict(run.settings), "world_size": run.world}
-    diffs = []
-    for key, flag in _ORDER_SETTINGS.items():
-        before, now = saved.get(key), current[key]
-        if key == "num_workers" and isinstance(before, int):
-            before, now = max(before, 1), max(now, 1)
-        if before != now:
-            diffs.append(f"{flag} {saved.get(key)!r} -> {current[key]!r}")
-    return diffs
+    return [f"{flag} {saved.get(key)!r} -> {current[key]!r}" for key, flag in _ORDER_SETTINGS.items()
+            if saved.get(key) != current[key]]
 
 
 def _resume_state_problem(meta: dict) -> str | None:
@@ -356,11 +359,6 @@ def _resume_state_problem(meta: dict) -> str | None:
 
 def _is_int_from(value: object, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _loader_generator(seed: int, epoch: int) -> torch.Generator:
-    """The DataLoader's own generator (it seeds its workers), so loading never draws from the caller's RNG."""
-    return torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _mean_across_ranks(total: torch.Tensor, count: int, device: torch.device, world: int) -> float:
