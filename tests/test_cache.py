@@ -217,3 +217,14 @@ def test_a_cache_made_before_per_tap_codecs_still_opens_and_verifies(tmp_path, m
     assert [type(c).__name__ for c in reopened.array("enc.1").compressors] == ["BloscCodec", "Crc32cCodec"]
     np.testing.assert_array_equal(reopened.read_shard("enc.1", 0), rows)
     assert verify_cache(str(tmp_path / "old")) == []
+
+
+def test_image_sums_are_exact_across_the_uint16_blocks_and_skip_invalid_rows():
+    rng = np.random.default_rng(0)
+    for rows in (1, 257, 258, 600):  # 257 rows of 255 fill a uint16 exactly; more need a second block
+        images = rng.integers(250, 256, (rows, 4, 5, 3), dtype=np.uint8)
+        valid = rng.random(rows) < 0.8
+        np.testing.assert_array_equal(S.sum_images(images, valid), images[valid].astype(np.uint64).sum(axis=0))
+        np.testing.assert_array_equal(S.sum_images(images, np.ones(rows, bool)),
+                                      images.astype(np.uint64).sum(axis=0))
+    assert S.sum_images(np.full((600, 2, 2, 3), 255, np.uint8), np.ones(600, bool)).max() == 600 * 255

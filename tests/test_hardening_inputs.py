@@ -419,6 +419,9 @@ def test_a_resume_with_another_batch_size_or_shuffle_window_is_refused_naming_th
     older = edited_copy(trained, tmp_path / "older", lambda meta: meta["settings"].pop("shuffle_window"), stem="last")
     with pytest.raises(InvcacheError, match=r"\(the run was saved by the per-sample reader of earlier versions"):
         train(quick(train_cache, older, epochs=2, resume=True))
+    # a finished run has no order left to keep: resuming it (as a rerun of make demo does) trains nothing
+    finished = train(quick(train_cache, older, epochs=1, resume=True, shuffle_window=8, batch_size=8))
+    assert finished.steps == json.loads((trained / "last.json").read_text())["step"]
 
 
 def test_decode_threads_do_not_change_the_order_so_that_resume_is_exact(trained, train_cache, tmp_path):

@@ -484,7 +484,7 @@ class Cache:
             valid = self.read_shard(S.VALID, shard)
             if valid.any():
                 block = self.read_shard(INPUT, shard)
-                total += block.sum(axis=0, dtype=np.uint64, where=valid[:, None, None, None])
+                total += S.sum_images(block, valid)
                 count += int(valid.sum())
         return total, count
 

@@ -280,7 +280,8 @@ def info(cache_path: str, as_json: bool) -> None:
     codec = summary["codec"]
     console.print(f"codec: blosc {codec['cname']} level {codec['clevel']} {codec['shuffle']}, "
                   f"checksum {codec['checksum']}, keepbits {codec['keepbits']}, uncompressed taps "
-                  f"{', '.join(codec.get('uncompressed', [])) or 'none'}")
+                  f"{', '.join(codec.get('uncompressed', [])) or 'none'}, input "
+                  f"{_input_codec_text(codec.get('input'))}")
     if summary.get("keepbits_error"):
         err = summary["keepbits_error"]
         console.print(f"lossy error (keepbits {codec['keepbits']}): relative error at most {err['max_relative']:.2e}, "
@@ -649,6 +650,13 @@ def report_command(root: Path, out: Path | None) -> None:
     from invcache.analysis.report import build_report
 
     console.print(f"report: {build_report(root, out)}")
+
+
+def _input_codec_text(record: dict | None) -> str:
+    """How ``input`` is stored, from the codec record's ``input`` entry (absent in caches made before it)."""
+    if record is None:
+        return "blosc (as every tap)"
+    return f"{record['name']} {record.get('configuration', {})}"
 
 
 def _mb(n: float) -> str:

@@ -183,7 +183,7 @@ class ShardWriters:
         if INPUT not in buffer.taps:
             return written, None, 0
         valid = buffer.meta[S.VALID]
-        return written, buffer.taps[INPUT][valid].sum(axis=0, dtype=np.uint64), int(valid.sum())
+        return written, S.sum_images(buffer.taps[INPUT], valid), int(valid.sum())
 
     def _collect(self, future: Future) -> None:
         written, input_sum, count = future.result()

@@ -302,7 +302,8 @@ def _restore(run: TrainRun, attrs: dict) -> None:
     problem = _resume_state_problem(meta)
     if problem:
         raise InvcacheError(f"{where}: {problem}; it is not a checkpoint as invcache writes it")
-    changed = _order_differences(meta["settings"], run)
+    # The order only matters for epochs still to run: a finished run resumes (to nothing) whatever read it.
+    changed = _order_differences(meta["settings"], run) if meta["epoch"] < run.settings.epochs else []
     if changed:
         raise InvcacheError(f"cannot resume the run in {run.out} with settings that change the order or batching of "
                             f"its data ({'; '.join(changed)}); resume with the run's values, or train anew with --out "
