@@ -7,7 +7,7 @@ import torch
 from invcache.cache import schema as S
 from invcache.cache.store import Cache
 from invcache.errors import InvcacheError
-from invcache.extraction.loop import ShardAssembler, ShardWriters
+from invcache.extraction.loop import ShardAssembler, ShardWriters, run_extraction
 
 
 def batch(rows, ids, valid=None):
@@ -69,3 +69,49 @@ def test_writers_write_whole_shards_and_sum_the_valid_inputs(cache):
     stored = cache.array("input")[:]
     np.testing.assert_array_equal(stored[valid], inputs[valid])
     assert not stored[~valid].any()
+
+
+class FakeModel(torch.nn.Module):
+    """Returns ``enc.0`` rows filled with each image's first pixel, so placement can be checked per row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images, taps):
+        return {"enc.0": images[:, :1, :1, :1].float().expand(-1, 2, 3, 1)[..., 0]}
+
+
+def loop_batches(rows_per_batch, ids, inputs):
+    for rows in rows_per_batch:
+        yield {**batch(rows, [ids[r] for r in rows]), "input": torch.from_numpy(inputs[rows])}
+
+
+def test_the_placer_thread_writes_every_shard_and_reports_progress_per_batch(cache, monkeypatch):
+    monkeypatch.setattr("invcache.extraction.loop.forward_taps",
+                        lambda model, images, taps, amp: {**model(images, taps), "input": images})
+    inputs = np.random.default_rng(1).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    seen = []
+    totals = run_extraction(cache, loop_batches([[0, 1], [2, 3, 4], [5, 6]], list(range(7)), inputs), list(range(7)),
+                            FakeModel(), ["enc.0", "input"], None, 2, lambda images, raw: seen.append(images))
+    assert seen == [2, 3, 2] and totals.input_count == 7 and cache.complete_shards().all()
+    np.testing.assert_array_equal(cache.array("input")[:], inputs)
+    np.testing.assert_array_equal(cache.array("enc.0")[:][:, 0, 0], inputs[:, 0, 0, 0].astype(np.float16))
+
+
+def test_an_error_in_the_placer_thread_reaches_the_caller_and_nothing_hangs(cache, monkeypatch):
+    monkeypatch.setattr("invcache.extraction.loop.forward_taps",
+                        lambda model, images, taps, amp: {**model(images, taps), "input": images})
+    inputs = np.zeros((7, 4, 4, 3), np.uint8)
+    wrong_ids = [0, 1, 2, 99, 4, 5, 6]  # row 3 is another image than the cache expects
+    many = [[0, 1], [2, 3], [4], [5], [6]] + [[6]] * 20  # more batches than the placer's queue holds
+    with pytest.raises(InvcacheError, match="row 3 is id 99, the cache expects 3"):
+        run_extraction(cache, loop_batches(many, wrong_ids, inputs), list(range(7)), FakeModel(),
+                       ["enc.0", "input"], None, 2)
+
+    def failing():
+        yield from loop_batches([[0, 1]], list(range(7)), inputs)
+        raise OSError("the source broke")
+
+    with pytest.raises(OSError, match="the source broke"):  # the main thread's own error, not the placer's
+        run_extraction(cache, failing(), list(range(7)), FakeModel(), ["enc.0", "input"], None, 2)

@@ -11,6 +11,10 @@ Three stages, each usable alone:
   ``writers`` in flight, so memory stays bounded (one or two shards for a folder source,
   whose batches arrive in row order; up to one per DataLoader worker for webdataset).
 
+- :class:`Placer` runs the assembler and hands whole shards to the writers on a thread of its
+  own, once each batch's host copies have landed, so the main thread only launches work (the
+  forward, the copies) and never copies rows or waits for the device.
+
 :func:`run_extraction` composes them. DataLoader workers decode and resize
 (:func:`loader_batches`), or the device path decodes on the model's device
 (:func:`invcache.extraction.device_loader.device_batches`).
@@ -18,6 +22,8 @@ Three stages, each usable alone:
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -194,6 +200,54 @@ class ShardWriters:
             totals.input_count += count
 
 
+class Placer:
+    """Places each batch's rows into its shards and submits whole shards, on its own thread, in batch order.
+
+    At most ``depth`` batches wait for it (their host copies in flight), so a slow writer holds the
+    main thread back rather than letting batches pile up in memory. An error in the thread (an image
+    the cache does not expect, a failed write) is raised in the main thread at its next :meth:`put`
+    or at :meth:`close`; the thread goes on taking batches without placing them, so ``put`` never
+    blocks on it.
+    """
+
+    def __init__(self, assembler: ShardAssembler, writers: ShardWriters,
+                 progress: Callable[[int, int], None] | None, depth: int = 2) -> None:
+        self.assembler, self.writers, self.progress = assembler, writers, progress
+        self._queue: queue.Queue[HostBatch | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-placer", daemon=True)
+        self._thread.start()
+
+    def put(self, host: HostBatch) -> None:
+        self._raise()
+        self._queue.put(host)
+
+    def close(self, check: bool = True) -> None:
+        """Wait until every batch put is placed and its whole shards submitted; raise the thread's error
+        (``check=False``: not, when the main thread is raising an error of its own)."""
+        self._queue.put(None)
+        self._thread.join()
+        if check:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (host := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking batches so that put never waits on a thread that stopped placing
+            try:
+                arrays = host.arrays()
+                for buffer in self.assembler.place(host.batch, arrays):
+                    self.writers.submit(buffer)
+                if self.progress:
+                    self.progress(len(host.batch["image_id"]), sum(a.nbytes for a in arrays.values()))
+            except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+                self._error = exc
+
+
 def run_extraction(
     cache: Cache,
     batches: Iterator[dict],
@@ -207,22 +261,14 @@ def run_extraction(
     """Forward every batch, assemble whole shards, write them; ``progress(images, raw_bytes)`` per batch."""
     assembler = ShardAssembler(cache, image_ids, {t: tuple(cache.array(t).shape[1:]) for t in taps})
     with ShardWriters(cache, writers) as shard_writers:
-
-        def place(host: HostBatch) -> None:
-            arrays = host.arrays()
-            for buffer in assembler.place(host.batch, arrays):
-                shard_writers.submit(buffer)
-            if progress:
-                progress(len(host.batch["image_id"]), sum(a.nbytes for a in arrays.values()))
-
-        previous = None
-        for batch in batches:
-            current = forward_to_host(model, batch, taps, amp)
-            if previous is not None:
-                place(previous)
-            previous = current
-        if previous is not None:
-            place(previous)
+        placer = Placer(assembler, shard_writers, progress)
+        try:
+            for batch in batches:
+                placer.put(forward_to_host(model, batch, taps, amp))
+        except BaseException:
+            placer.close(check=False)
+            raise
+        placer.close()
         totals = shard_writers.drain()
     if assembler.pending:
         raise InvcacheError(f"the source ended before shards {sorted(assembler.pending)} were complete")
