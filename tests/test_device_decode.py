@@ -152,6 +152,18 @@ def test_only_jpegs_nvjpeg_decodes_like_libjpeg_go_to_the_device(kind, reason):
     assert device_refusal(b"", None) == "not a JPEG"
 
 
+def test_an_adobe_marker_after_the_frame_header_still_counts():
+    # legal, and libjpeg applies it: the RGB-coded file must not reach nvjpeg whichever comes first
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    baseline = _jpeg(image)
+    frame = baseline.index(b"\xff\xc0")
+    after = frame + 2 + int.from_bytes(baseline[frame + 2:frame + 4], "big")
+    adobe = b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])
+    moved = baseline[:after] + b"\xff\xee" + (len(adobe) + 2).to_bytes(2, "big") + adobe + baseline[after:]
+    assert read_jpeg_header(moved).adobe_transform == 0
+    assert "RGB-coded" in device_refusal(moved, None)
+
+
 def test_the_header_reader_never_raises_on_cut_or_damaged_files():
     rng = np.random.default_rng(2)
     data = _jpeg(Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)))

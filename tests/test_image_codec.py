@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import skimage.data
 import zarr
+from google_crc32c import value as crc32c
 from PIL import Image
 
 from invcache.cache import schema as S
@@ -77,8 +78,11 @@ def test_a_chunk_that_is_not_an_image_of_the_row_is_damage_naming_the_shard(tmp_
     other = write_input(tmp_path / "o", photographs(2)[:, :60])
     target = tmp_path / "c" / "input" / "c" / "0" / "0" / "0" / "0"
     target.write_bytes((tmp_path / "o" / "input" / "c" / "0" / "0" / "0" / "0").read_bytes())
-    with pytest.raises(CacheCorruptError, match=r"input.*shard 0.*image 0 of the shard decodes to uint8 \(60, 160, "):
+    with pytest.raises(CacheCorruptError, match=r"input.*shard 0.*image 0 of the shard is not a JPEG XL image of its "
+                                                r"row's shape \(120, 160, 3\)"):
         cache.decode_shard("input", 0, complete=True, digest=None)
+    with pytest.raises(ValueError, match="JPEG XL decoding failed"):  # plain zarr refuses it as well
+        zarr.open_group(tmp_path / "c", mode="r")["input"][0]
     # an uncompressed tap's shard in its place: the crc32c hold, the bytes are no image
     raw = Cache.create(tmp_path / "r", num_images=2, tap_shapes={"enc.1": (4, 8)}, shard_size=2)
     ShardCodec(raw.array("enc.1")).write(0, np.ones((2, 4, 8), np.float16))
@@ -86,6 +90,34 @@ def test_a_chunk_that_is_not_an_image_of_the_row_is_damage_naming_the_shard(tmp_
     with pytest.raises(CacheCorruptError, match=r"image 0 of the shard is not a JPEG XL image"):
         cache.decode_shard("input", 0, complete=True, digest=None)
     assert other.attrs["codec"] == cache.attrs["codec"]
+
+
+def test_damaged_image_chunks_and_absurd_shard_files_are_damage_not_crashes(tmp_path):
+    images = photographs(2)
+    cache = write_input(tmp_path / "c", images)
+    codec = ShardCodec(cache.array("input"))
+    target = tmp_path / "c" / "input" / "c" / "0" / "0" / "0" / "0"
+    # the first bytes of a real chunk, with its crc32c and index rewritten to match: libjxl cannot even count frames
+    head = codec.encode(images[:1])[0][:5]
+    rebuilt = head + np.uint32(crc32c(head)).tobytes()
+    index = np.full((2, 2), np.iinfo(np.uint64).max, "<u8")
+    index[0] = 0, len(rebuilt)
+    target.write_bytes(rebuilt + index.tobytes() + np.uint32(crc32c(index.tobytes())).tobytes())
+    with pytest.raises(CacheCorruptError, match="image 0 of the shard is not a JPEG XL image"):
+        cache.decode_shard("input", 0, complete=False, digest=None)
+    # a transposed image of the same pixel count: refused by invcache's reader and by plain zarr
+    transposed = Cache.create(tmp_path / "t", num_images=2, tap_shapes={"input": (160, 120, 3)}, shard_size=2)
+    ShardCodec(transposed.array("input")).write(0, images.transpose(0, 2, 1, 3))
+    target.write_bytes((tmp_path / "t" / "input" / "c" / "0" / "0" / "0" / "0").read_bytes())
+    with pytest.raises(CacheCorruptError, match="not a JPEG XL image of its row's shape"):
+        cache.decode_shard("input", 0, complete=True, digest=None)
+    with pytest.raises(ValueError, match="JPEG XL decoding failed"):
+        zarr.open_group(tmp_path / "c", mode="r")["input"][0]
+    # a sparse file far larger than two images could take is refused before it is read
+    with open(target, "wb") as f:
+        f.truncate(40 * 2**30)
+    with pytest.raises(CacheCorruptError, match=r"the shard file is 42949672960 bytes, more than its 2 images"):
+        cache.decode_shard("input", 0, complete=True, digest=None)
 
 
 def test_only_lossless_configurations_are_accepted():

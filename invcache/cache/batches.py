@@ -32,8 +32,9 @@ windows the current batch reads and the next ones, and gathers each batch with o
 ``numpy.take`` per (shard, tap) into one of ``prefetch + 1`` preallocated batch buffers (pinned
 with ``pin_memory``: by default when ``device``, where the consumer copies batches to, is a CUDA
 device, or without ``device`` when CUDA is available). File reads, Blosc, crc32c and the
-gathers release the GIL; no Python runs per sample. Memory: the decoded shards of two windows
-(three while a batch straddles two), and the batch buffers.
+gathers release the GIL; no Python runs per sample. Memory: the decoded shards of the window in
+use, of one more while a batch straddles two, and of the ``ceil(decode_threads / shards per window)``
+windows read ahead; and the batch buffers.
 
 A batch is a dict of the requested taps (stored dtypes: float16, uint8; ``dec.0`` is zeros)
 and ``image_id`` (int64), tensors that **are the reader's buffers**: valid until the next batch

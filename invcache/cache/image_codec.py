@@ -68,19 +68,22 @@ class JpegXlCodec(ArrayBytesCodec):
                                                numthreads=1))
 
     @staticmethod
-    def decode_image(data: bytes) -> np.ndarray:
-        """The (H, W, 3) image of one chunk; a chunk that is not a JPEG XL image raises ValueError."""
+    def decode_image(data: bytes | np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Decode one chunk into ``out``, a uint8 (H, W, 3) array; raises ValueError if the chunk is not a JPEG XL
+        image of exactly that shape. The header is checked before any pixel is decoded, so a small chunk that
+        claims a huge image costs nothing."""
         try:
-            return imagecodecs.jpegxl_decode(data, numthreads=1)
-        except imagecodecs.JpegxlError as exc:
+            return imagecodecs.jpegxl_decode(data, numthreads=1, out=out)
+        except (RuntimeError, ValueError) as exc:  # imagecodecs' JpegxlError is a RuntimeError; a shape, ValueError
             raise ValueError(f"JPEG XL decoding failed: {exc}") from None
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        image = await asyncio.to_thread(self.decode_image, chunk_bytes.to_bytes())
-        if image.size != np.prod(chunk_spec.shape) or image.dtype != np.uint8:
-            raise ValueError(f"JPEG XL decoding failed: a chunk decodes to {image.dtype} {image.shape}, not the "
-                             f"array's {chunk_spec.shape}")
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(image.reshape(chunk_spec.shape))
+        shape = chunk_spec.shape
+        if len(shape) < 3 or shape[-1] != 3 or any(n != 1 for n in shape[:-3]):
+            raise ValueError(f"JPEG XL decoding failed: the array's chunks {shape} are not one RGB image")
+        image = np.empty(shape[-3:], np.uint8)
+        await asyncio.to_thread(self.decode_image, chunk_bytes.to_bytes(), image)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(image.reshape(shape))
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         data = await asyncio.to_thread(self.encode_image, chunk_array.as_ndarray_like())

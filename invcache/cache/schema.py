@@ -45,14 +45,16 @@ BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 1
 FLOAT_DTYPE = np.float16
 # A tap Blosc shrinks by less than this is stored without a compressor in a lossless cache (SPEC §3): the
-# bytes saved do not pay for the decoding (800-1000 MB/s a core, where reading a raw row is a copy).
+# bytes saved do not pay for the decoding (about 1 GB/s a core, where reading a raw row is a copy).
 # Extraction measures each tap on its first batch (invcache.cache.codec_choice); caches created without
-# data (Cache.create alone) use UNCOMPRESSED, what benchmarks/codecs.py measured on DETR-R50 and the
-# embedded default: the encoder and decoder outputs and the class logits, fp16 values whose mantissas do
-# not compress (1.02-1.06x), while head.boxes (4x) and backbone.c5 (post-ReLU zeros) keep Blosc. With
+# data (Cache.create alone) use UNCOMPRESSED, what benchmarks/codecs.py measured on DETR-R50 at 480x640:
+# the encoder outputs, LayerNorm'd fp16 values that compress 1.04-1.08x, while the decoder outputs
+# (1.45-1.53x), the class logits (1.57x), head.boxes (4x) and backbone.c5 (post-ReLU zeros) keep Blosc. With
 # --keepbits the rounded mantissas compress, and every tap keeps Blosc.
 COMPRESSION_WORTHWHILE = 1.1
-UNCOMPRESSED = ("enc.*", "dec.*", "head.logits")
+UNCOMPRESSED = ("enc.*",)
+# The patterns records of earlier caches may hold under "uncompressed" (every version's default).
+_UNCOMPRESSED_PATTERNS = ("enc.*", "dec.*")
 # input, in lossless and --keepbits caches alike (it is what DETR saw, kept bit for bit): lossless JPEG XL
 # stores a 480x640 photograph in 2.4-2.9x less space where Blosc zstd gets 1.4x (benchmarks/image_codecs.py).
 INPUT_CODEC = JpegXlCodec()
@@ -97,6 +99,10 @@ def codec_record(keepbits: int | None, uncompressed: Sequence[str] | None = None
     """The root ``codec`` attribute: Blosc's settings, the checksum, ``keepbits``, the taps (or tap patterns)
     stored without a compressor (``uncompressed``: as measured, else :data:`UNCOMPRESSED`; none with
     ``keepbits``) and the codec of ``input`` (``input``, as zarr metadata)."""
+    if keepbits is not None and uncompressed:
+        raise ValueError(f"a cache with keepbits {keepbits} compresses every tap; uncompressed {uncompressed} given")
+    if uncompressed is not None and not _is_uncompressed_list(list(uncompressed)):
+        raise ValueError(f"uncompressed {uncompressed!r} is not a list of distinct float taps")
     if keepbits is not None:
         uncompressed = []
     return {
@@ -134,7 +140,7 @@ def _is_uncompressed_list(value: object) -> bool:
     """Distinct float taps, or the :data:`UNCOMPRESSED` patterns (what codec records hold under ``uncompressed``)."""
     if not isinstance(value, list) or len(set(map(str, value))) != len(value):
         return False
-    names = (HEAD_LOGITS, HEAD_BOXES, BACKBONE_C5, *UNCOMPRESSED)
+    names = (HEAD_LOGITS, HEAD_BOXES, BACKBONE_C5, *_UNCOMPRESSED_PATTERNS)
     return all(isinstance(t, str) and (t in names or (layer_index(t) is not None and len(t) < 12)) for t in value)
 
 

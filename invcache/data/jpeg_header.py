@@ -33,7 +33,7 @@ _APP14 = 0xEE
 
 @dataclass(frozen=True)
 class JpegHeader:
-    """What the frame header (and an Adobe marker before it) says about a JPEG."""
+    """What the frame header (and an Adobe marker anywhere before the scan) says about a JPEG."""
 
     frame: int  # the SOFn marker's second byte
     precision: int
@@ -44,11 +44,15 @@ class JpegHeader:
 
 
 def read_jpeg_header(data: bytes | bytearray | memoryview) -> JpegHeader | None:
-    """The header of JPEG ``data``, or None if no frame header is found before the scan data."""
+    """The header of JPEG ``data``, or None if no frame header is found before the scan data.
+
+    Reads every marker up to the first scan: an Adobe APP14 marker after the frame header is legal, and
+    libjpeg still applies its colour transform.
+    """
     view = memoryview(data)
     if bytes(view[:3]) != SOI:
         return None
-    position, adobe = 2, None
+    position, adobe, frame = 2, None, None
     while position + 4 <= len(view):
         if view[position] != 0xFF:
             return None
@@ -65,19 +69,18 @@ def read_jpeg_header(data: bytes | bytearray | memoryview) -> JpegHeader | None:
             return None
         if marker == _APP14 and bytes(segment[:5]) == b"Adobe" and len(segment) >= 12:
             adobe = segment[11]
-        elif marker in _FRAMES:
+        elif marker in _FRAMES and frame is None:
             if len(segment) < 6:
                 return None
             components = segment[5]
             ids = bytes(segment[6:6 + 3 * components:3])
             if len(ids) != components:
                 return None
-            return JpegHeader(marker, segment[0], (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4],
-                              ids, adobe)
+            frame = (marker, segment[0], (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4], ids)
         elif marker == _SOS:
-            return None
+            break
         position += 2 + length
-    return None
+    return None if frame is None else JpegHeader(*frame, adobe)
 
 
 def device_refusal(data: bytes | bytearray | memoryview, max_pixels: int | None) -> str | None:
