@@ -28,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from google_crc32c import value as crc32c
+
+# The crc32c package rather than google_crc32c (which zarr uses): it releases the GIL, so the reader's and the
+# writers' threads check and compute checksums in parallel (2 threads: 11 GB/s against 3.6 on the CPU box).
+from crc32c import crc32c
 from numcodecs import BitRound, Blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
