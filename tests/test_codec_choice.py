@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from numcodecs import Blosc
 
@@ -70,3 +71,17 @@ def test_codec_records_with_measured_lists_are_valid_and_edited_ones_are_not():
     assert not S.is_codec_record({**S.codec_record(6), "uncompressed": ["enc.1"]})
     with pytest.raises(ValueError, match="compresses every tap"):
         S.codec_record(6, ["enc.1"])
+
+
+def test_measuring_the_first_batch_leaves_the_callers_rng_alone(tmp_path):
+    from invcache.extraction import ExtractSettings, extract
+
+    settings = dict(split="val2017", source="synthetic", synthetic_images=4, workspace=tmp_path, model="detr-tiny",
+                    weights="random:0", size=(64, 96), num_workers=0, batch_size=2, shard_size=4)
+    extract(ExtractSettings(**settings, out=tmp_path / "warm"))  # generates the split once
+    draws = []
+    for out, keepbits in (("probed", None), ("unprobed", 7)):  # --keepbits skips the probe
+        torch.manual_seed(0)
+        extract(ExtractSettings(**settings, out=tmp_path / out, keepbits=keepbits))
+        draws.append(torch.rand(1).item())
+    assert draws[0] == draws[1]

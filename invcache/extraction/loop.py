@@ -85,9 +85,11 @@ def forward_to_host(model, batch: dict, taps: list[str], amp: torch.dtype | None
         else:
             host[tap] = values
     ready = None
-    if any(t.is_cuda for t in out.values()):
+    on_device = [t for t in out.values() if t.is_cuda]
+    if on_device:
+        # on the stream of the device the copies run on (cuda:1 need not be the current device)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(on_device[0].device))
     return HostBatch(batch, host, ready)
 
 

@@ -125,8 +125,9 @@ def extract(
     with ExitStack() as held, _naming_the_cache(location):
         def measure_codecs() -> list[str] | None:
             """The taps the first batch shows not worth compressing (SPEC §3; None if it holds no valid image)."""
-            first = next(loader_batches(dataset, list(range(min(settings.batch_size, len(image_ids)))),
-                                        settings.batch_size, 0))
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seed from the caller's RNG
+                first = next(loader_batches(dataset, list(range(min(settings.batch_size, len(image_ids)))),
+                                            settings.batch_size, 0))
             valid = first["valid"].numpy().astype(bool)
             arrays = forward_to_host(model, first, taps, resolve_amp(settings.amp, device)).arrays()
             return choose_uncompressed({t: a[valid] for t, a in arrays.items()}) if valid.any() else None
