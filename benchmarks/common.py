@@ -67,14 +67,21 @@ PHOTOGRAPHS = {
 
 
 def photograph_paths() -> list:
-    """The bundled photographs' files (8 colour photographs, 300×451 to 872×1000)."""
+    """The bundled photographs' files (8 colour photographs, 300×451 to 872×1000).
+
+    Found without importing either package (only their files are needed, e.g. from wheels installed with
+    ``--no-deps`` on a GPU machine).
+    """
+    from importlib.util import find_spec
     from pathlib import Path
 
-    import matplotlib
-    import skimage.data
+    def package(name: str) -> Path:
+        spec = find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"the bundled photographs need the {name} package installed")
+        return Path(spec.submodule_search_locations[0])
 
-    folders = {"skimage": Path(skimage.data.__file__).parent,
-               "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}
+    folders = {"skimage": package("skimage") / "data", "matplotlib": package("matplotlib") / "mpl-data" / "sample_data"}
     return [folders[package] / name for package, names in PHOTOGRAPHS.items() for name in names]
 
 
