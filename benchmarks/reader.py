@@ -94,8 +94,12 @@ def main() -> None:
                     pass
             return time.perf_counter() - started
 
+        readers = {tap: CacheBatches(location, [tap], args.batch_size, seed=0, decode_threads=args.threads)
+                   for tap in (RAW, COMPRESSED)}
+
         def batches_epoch(tap: str, epoch: int) -> float:
-            batches = CacheBatches(location, [tap], args.batch_size, seed=0, epoch=epoch, decode_threads=args.threads)
+            batches = readers[tap]  # one reader for every epoch, as training uses it (its buffers are reused)
+            batches.set_epoch(epoch)
             started = time.perf_counter()
             count = sum(len(batch[tap]) for batch in batches)
             assert count == args.images

@@ -46,11 +46,12 @@ before a buffer is refilled, so ``batch[tap].to(device, non_blocking=True)`` is 
 from __future__ import annotations
 
 import math
+import operator
 import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +73,16 @@ class _Plan:
     unit_last_batch: np.ndarray  # per unit, the last batch that reads it (then it is released)
     batch_last_unit: np.ndarray  # per batch, the last unit it reads
     batches: int
+
+
+@dataclass
+class _Buffers:
+    """What a reader allocates once and reuses: a new buffer costs a page fault per 4 KiB on its first write, about
+    as much as reading the bytes into it."""
+
+    slots: list[Batch]  # the batch buffers
+    spare: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per tap, shard buffers not in use
+    copies: torch.cuda.Event | None = None  # the consumer's copies out of the slots, queued when the last epoch ended
 
 
 class CacheBatches:
@@ -116,6 +127,8 @@ class CacheBatches:
         self.cache = Cache.open(self.location)
         self.shard_size = self.cache.shard_size
         self.row_shapes = {tap: self.cache.tap_shape(tap)[1:] for tap in self.taps}
+        self.stored_dtypes = {tap: self.cache.array(tap).dtype for tap in self.taps if tap != DECODER_INPUT}
+        self.digests = {tap: self.cache.shard_digests(tap) for tap in self.stored_dtypes}  # read once, not per shard
         self.dtypes = {tap: torch.float16 if tap == DECODER_INPUT else _torch_dtype(self.cache.array(tap).dtype)
                        for tap in self.taps}
         complete = self.cache.complete_shards()
@@ -130,6 +143,11 @@ class CacheBatches:
                 self.valid_rows[shard] = rows
         self.total = sum(len(rows) for rows in self.valid_rows.values())
         self.window_shards = max(1, math.ceil(shuffle_window / self.shard_size)) if shuffle else 1
+        self._kept: _Buffers | None = None  # batch slots and shard buffers, reused from epoch to epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` next (as DistributedSampler's): one reader for a whole run keeps its buffers."""
+        self.epoch = epoch
 
     # -- the epoch's order ------------------------------------------------------------------
 
@@ -190,13 +208,14 @@ class CacheBatches:
         plan = self._plan()
         if not plan.batches:
             return
-        slots = [self._buffers() for _ in range(self.prefetch + 1)]
+        # this reader's buffers, unless another iteration of it holds them: that one's are its own
+        buffers, self._kept = self._kept or _Buffers([self._buffers() for _ in range(self.prefetch + 1)]), None
         free: queue.SimpleQueue = queue.SimpleQueue()  # (slot, CUDA event to wait for) or None: stop
         ready: queue.SimpleQueue = queue.SimpleQueue()  # (slot, rows) or the exception that ended the producer
-        for slot in slots:
-            free.put((slot, None))
+        for slot in buffers.slots:
+            free.put((slot, buffers.copies))
         stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(plan, free, ready, stop), daemon=True,
+        producer = threading.Thread(target=self._produce, args=(plan, free, ready, stop, buffers.spare), daemon=True,
                                     name="invcache-batches")
         producer.start()
         held = None
@@ -213,6 +232,9 @@ class CacheBatches:
             stop.set()
             free.put(None)
             producer.join()
+            # kept for the next epoch; its first refills wait for the copies the consumer has queued so far
+            buffers.copies = self._copies_done() if self.pin_memory else None
+            self._kept = buffers
 
     def _copies_done(self) -> torch.cuda.Event:
         """An event after the work queued so far on the current stream of ``device`` (the consumer's copies)."""
@@ -229,11 +251,13 @@ class CacheBatches:
         buffers[S.IMAGE_ID] = empty((), torch.int64)
         return buffers
 
-    def _produce(self, plan: _Plan, free: queue.SimpleQueue, ready: queue.SimpleQueue, stop: threading.Event) -> None:
-        """Decode the units in order, a few ahead, and gather every batch into a free buffer; runs in its own thread."""
+    def _produce(self, plan: _Plan, free: queue.SimpleQueue, ready: queue.SimpleQueue, stop: threading.Event,
+                 spare: dict[str, list[np.ndarray]]) -> None:
+        """Decode the units in order, a few ahead, into ``spare`` shard buffers (new ones where none is spare, kept
+        when released), and gather every batch into a free slot; runs in its own thread."""
         stored = [tap for tap in self.taps if tap != DECODER_INPUT]
         ahead = max(1, math.ceil(self.decode_threads / self.window_shards))  # units decoding beyond the batch's
-        live: dict[int, list] = {}  # shard -> [units holding it, {tap: Future of its decoded block}]
+        live: dict[int, list] = {}  # shard -> [units holding it, {tap: Future of its decoded block}, {tap: buffer}]
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="invcache-decode")
         try:
             submitted = released = 0
@@ -241,8 +265,7 @@ class CacheBatches:
                 while submitted < len(plan.units) and submitted <= plan.batch_last_unit[batch] + ahead:
                     for shard in plan.units[submitted]:
                         if shard not in live:
-                            live[shard] = [0, {tap: pool.submit(self.cache.read_shard, tap, shard, True)
-                                               for tap in stored}]
+                            live[shard] = self._submit(pool, shard, stored, spare)
                         live[shard][0] += 1
                     submitted += 1
                 item = free.get()
@@ -257,12 +280,25 @@ class CacheBatches:
                     for shard in plan.units[released]:
                         live[shard][0] -= 1
                         if not live[shard][0]:
-                            del live[shard]
+                            for tap, buffer in live.pop(shard)[2].items():
+                                spare.setdefault(tap, []).append(buffer)
                     released += 1
         except BaseException as exc:  # handed to the consumer, which raises it
             ready.put(exc)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            for shard in live.values():  # no thread decodes into them any more
+                for tap, buffer in shard[2].items():
+                    spare.setdefault(tap, []).append(buffer)
+
+    def _submit(self, pool: ThreadPoolExecutor, shard: int, taps: list[str], spare: dict[str, list[np.ndarray]]) -> list:
+        """Start decoding ``shard``'s ``taps`` into spare buffers (new ones where none is spare): its ``live`` record."""
+        rows = operator.sub(*reversed(self.cache.shard_bounds(shard)))
+        buffers = {tap: spare[tap].pop() if spare.get(tap) else
+                   np.empty((self.shard_size, *self.row_shapes[tap]), self.stored_dtypes[tap]) for tap in taps}
+        futures = {tap: pool.submit(self.cache.decode_shard, tap, shard, True, int(self.digests[tap][shard]),
+                                    buffers[tap][:rows]) for tap in taps}
+        return [0, futures, buffers]
 
     def _gather(self, plan: _Plan, batch: int, live: dict[int, list], slot: dict[str, np.ndarray]) -> int:
         """Copy batch ``batch``'s rows into ``slot`` (numpy views of its buffers), one take per (shard, tap); returns

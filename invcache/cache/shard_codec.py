@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,39 +117,113 @@ class ShardCodec:
             sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(pieces))))
         return shard_digest([piece[-4:] for piece in pieces[:-1]], pieces[-1][:-4])
 
-    def decode(self, shard: int, rows: int, complete: bool = True, digest: int | None = None) -> np.ndarray:
-        """The first ``rows`` images of shard ``shard``; raises ChecksumError on any mismatch.
+    def decode(self, shard: int, rows: int, complete: bool = True, digest: int | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+        """The first ``rows`` images of shard ``shard`` (into ``out`` when given); raises ChecksumError on any mismatch.
 
         The writer stores every image of a shard, so in a ``complete`` shard a missing file or
         chunk is damage; an incomplete shard reads as zeros where nothing was written. ``digest``,
         what :meth:`write` returned for this shard, is compared last, once every chunk has passed
         its own crc32c: a file whose chunks verify but whose digest differs is another shard's.
+        ``out``, ``(rows, *row)`` of the array's dtype, lets a reader reuse its buffers: a fresh
+        buffer costs a page fault per 4 KiB on first write, about as much as the read itself.
         """
-        data = self._read(shard)
-        out = np.zeros((rows, *self.row_shape), dtype=self.dtype)
-        if data is None:
-            if complete:
-                raise ChecksumError("the shard is marked complete but its file is missing")
-            return out
+        shape = (rows, *self.row_shape)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{self.array.path}: out is {out.dtype}{out.shape}, not a contiguous {self.dtype}{shape}")
+        with self._open(shard) as source:
+            if source is None:
+                if complete:
+                    raise ChecksumError("the shard is marked complete but its file is missing")
+                out[...] = 0
+                return out
+            index_bytes = self._index(source)
+            index = index_bytes.view("<u8").reshape(self.chunks_per_shard, 2)
+            present = self._present(index, rows, complete, source.size - len(index_bytes) - 4)
+            out[~present] = 0
+            if self.blosc is None and self.image is None:
+                checksums = self._read_rows(source, index, present, out)
+            else:
+                checksums = self._decode_chunks(source, index, present, out)
+            if digest is not None:
+                # the checksums of every chunk the index lists (those past ``rows`` too), in its order, as the writer's
+                listed = np.flatnonzero(index[:, 0] != _EMPTY)
+                extra = [self._stored_checksum(source, index[i]) for i in listed[listed >= rows]]
+                actual = shard_digest([checksums[present].tobytes(), *extra], index_bytes.tobytes())
+                if actual != digest:
+                    raise ChecksumError(f"the file is not the one written for this shard: its digest {actual:08x} is "
+                                        f"not the {digest:08x} recorded when the shard completed (moved, swapped or "
+                                        "replaced)")
+        return out
+
+    def _index(self, source: _ShardFile) -> np.ndarray:
+        """The shard's (offset, length) index as bytes, its crc32c checked."""
         index_size = self.chunks_per_shard * 16
-        if len(data) < index_size + 4:
-            raise ChecksumError(f"the shard file is truncated: {len(data)} bytes, less than its index's "
+        if source.size < index_size + 4:
+            raise ChecksumError(f"the shard file is truncated: {source.size} bytes, less than its index's "
                                 f"{index_size + 4}")
-        index_bytes, stored_crc = data[-index_size - 4:-4], data[-4:]
+        tail = source.read(source.size - index_size - 4, index_size + 4)
+        index_bytes, stored_crc = tail[:-4], tail[-4:]
         if np.uint32(crc32c(index_bytes)).tobytes() != stored_crc.tobytes():
             raise ChecksumError("shard index checksum mismatch")
-        index = index_bytes.view("<u8").reshape(self.chunks_per_shard, 2)
-        # Chunks are views of the file's buffer (no copy) that each decode straight into its output row.
-        for i in range(rows):
-            offset, length = (int(v) for v in index[i])
-            if offset == _EMPTY:
-                if complete:
-                    raise ChecksumError(f"image {i} of a complete shard is missing")
-                continue
-            if offset + length > len(data) - index_size - 4 or length < 4:
-                raise ChecksumError(f"image {i} of the shard lies outside the file")
+        return index_bytes
+
+    def _present(self, index: np.ndarray, rows: int, complete: bool, data_size: int) -> np.ndarray:
+        """Which of the first ``rows`` images the index lists, each checked to lie inside the data (and, stored raw,
+        to be its row's size)."""
+        offsets, lengths = index[:rows, 0], index[:rows, 1]
+        present = offsets != _EMPTY
+        if complete and not present.all():
+            raise ChecksumError(f"image {int(np.argmin(present))} of a complete shard is missing")
+        # (offset + length could wrap in uint64: compare offset with what is left after length instead)
+        outside = present & ((lengths < 4) | (lengths > data_size) | (offsets > data_size - np.minimum(lengths, data_size)))
+        if outside.any():
+            raise ChecksumError(f"image {int(np.argmax(outside))} of the shard lies outside the file")
+        if self.blosc is None and self.image is None:
+            # A chunk whose checksum holds but whose size is another (a chunk of another array) would fill the row
+            # only in part.
+            row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+            wrong = present & (lengths != row_bytes + 4)
+            if wrong.any():
+                i = int(np.argmax(wrong))
+                raise ChecksumError(f"image {i} of the shard decodes to {int(lengths[i]) - 4} bytes, not its row's "
+                                    f"{row_bytes}")
+        return present
+
+    def _read_rows(self, source: _ShardFile, index: np.ndarray, present: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Chunks stored without a compressor, read straight into their rows (their crc32c beside), then checked.
+
+        Consecutive chunks (the writer stores them so) come in one vectored read, so each byte is copied once,
+        from the page cache into its row."""
+        checksums = np.zeros(len(out), "<u4")
+        rows = out.reshape(len(out), -1).view(np.uint8)
+        run: list[memoryview] = []
+        run_start = run_end = -1
+        for i in np.flatnonzero(present).tolist():
+            offset, length = int(index[i, 0]), int(index[i, 1])
+            if offset != run_end or len(run) >= _IOV_MAX - 1:
+                source.read_into(run, run_start)
+                run, run_start = [], offset
+            run += [memoryview(rows[i]), memoryview(checksums[i:i + 1]).cast("B")]
+            run_end = offset + length
+        source.read_into(run, run_start)
+        for i in np.flatnonzero(present).tolist():
+            if crc32c(rows[i]) != checksums[i]:
+                raise ChecksumError(f"checksum mismatch in image {i} of the shard")
+        return checksums
+
+    def _decode_chunks(self, source: _ShardFile, index: np.ndarray, present: np.ndarray,
+                       out: np.ndarray) -> np.ndarray:
+        """Compressed chunks: the file read once, each chunk checked and decoded straight into its row."""
+        data = source.read(0, source.size)
+        checksums = np.zeros(len(out), "<u4")
+        for i in np.flatnonzero(present).tolist():
+            offset, length = int(index[i, 0]), int(index[i, 1])
             chunk = data[offset:offset + length - 4]
-            if np.uint32(crc32c(chunk)).tobytes() != data[offset + length - 4:offset + length].tobytes():
+            checksums[i] = data[offset + length - 4:offset + length].view("<u4")[0]
+            if crc32c(chunk) != checksums[i]:
                 raise ChecksumError(f"checksum mismatch in image {i} of the shard")
             if self.image is not None:
                 try:
@@ -156,48 +232,40 @@ class ShardCodec:
                     raise ChecksumError(f"image {i} of the shard is not a JPEG XL image of its row's shape "
                                         f"{self.row_shape} ({exc})") from None
                 continue
-            # A chunk whose checksum holds but whose header claims another size (a chunk of another array)
-            # would fill the row only in part.
-            size = _blosc_nbytes(chunk) if self.blosc is not None else len(chunk)
+            size = _blosc_nbytes(chunk)
             if size != out[i].nbytes:
                 raise ChecksumError(f"image {i} of the shard decodes to {size} bytes, not its row's {out[i].nbytes}")
-            row = out[i].reshape(-1).view(np.uint8)
-            if self.blosc is not None:
-                self.blosc.decode(chunk, out=row)
-            else:
-                row[:] = chunk
-        if digest is not None:
-            checksums = [data[end - 4:end].tobytes() for end in (int(o + n) for o, n in index if o != _EMPTY)]
-            if (actual := shard_digest(checksums, index_bytes.tobytes())) != digest:
-                raise ChecksumError(f"the file is not the one written for this shard: its digest {actual:08x} is "
-                                    f"not the {digest:08x} recorded when the shard completed (moved, swapped or "
-                                    "replaced)")
-        return out
+            self.blosc.decode(chunk, out=out[i].reshape(-1).view(np.uint8))
+        return checksums
 
-    def _read(self, shard: int) -> np.ndarray | None:
-        """The bytes of shard ``shard``'s file as a uint8 array (None if there is none).
+    @staticmethod
+    def _stored_checksum(source: _ShardFile, entry: np.ndarray) -> bytes:
+        offset, length = int(entry[0]), int(entry[1])
+        return source.read(offset + length - 4, 4).tobytes() if length >= 4 else b""
 
-        A local file is read straight into one numpy buffer (``readinto``), several times faster than
-        ``read_bytes``, whose bytes object is allocated and filled anew for every shard.
-        """
+    @contextmanager
+    def _open(self, shard: int) -> Iterator[_ShardFile | None]:
+        """Shard ``shard``'s file (None if there is none): a local file is read in place with ``pread``, another
+        store's is fetched whole."""
         key = self._key(shard)
         store = self.array.store_path.store
         if not isinstance(store, LocalStore):
             buffer = sync(store.get(key, prototype=default_buffer_prototype()))
-            return None if buffer is None else np.frombuffer(buffer.to_bytes(), np.uint8)
+            yield None if buffer is None else _ShardFile(np.frombuffer(buffer.to_bytes(), np.uint8))
+            return
         try:
-            with open(Path(store.root) / key, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > self._largest_file():
-                    raise ChecksumError(f"the shard file is {size} bytes, more than its {self.chunks_per_shard} "
-                                        f"images could take ({self._largest_file()})")
-                data = np.empty(size, np.uint8)
-                view, read = memoryview(data), 0
-                while read < len(data) and (count := f.readinto(view[read:])):  # one read() returns ≤ 2 GiB
-                    read += count
+            fd = os.open(Path(store.root) / key, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
-            return None
-        return data[:read]
+            yield None
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size > self._largest_file():
+                raise ChecksumError(f"the shard file is {size} bytes, more than its {self.chunks_per_shard} "
+                                    f"images could take ({self._largest_file()})")
+            yield _ShardFile(size=size, fd=fd)
+        finally:
+            os.close(fd)
 
     def _largest_file(self) -> int:
         """A bound on a valid shard file's size: every chunk at most twice its row's bytes (no codec the cache uses
@@ -234,5 +302,47 @@ class ShardLayoutError(ValueError):
     """An array whose metadata is not the shard layout the cache schema defines (the message names no array)."""
 
 
+class _ShardFile:
+    """A shard file's bytes, read by position: an open local file (``fd``, never read past ``size``) or bytes in
+    memory. A read that comes back short (the file shrank under the reader) is damage, not zeros."""
+
+    def __init__(self, data: np.ndarray | None = None, *, size: int | None = None, fd: int | None = None) -> None:
+        self.data, self.fd = data, fd
+        self.size = len(data) if data is not None else size
+
+    def read(self, offset: int, length: int) -> np.ndarray:
+        if self.data is not None:
+            return self.data[offset:offset + length]
+        out = np.empty(length, np.uint8)
+        self.read_into([memoryview(out)], offset)
+        return out
+
+    def read_into(self, buffers: list[memoryview], offset: int) -> None:
+        """Fill ``buffers`` with the bytes from ``offset`` on (a vectored read, at most ``_IOV_MAX`` buffers)."""
+        wanted = sum(b.nbytes for b in buffers)
+        if self.data is not None:
+            for buffer in buffers:
+                np.frombuffer(buffer, np.uint8)[:] = self.data[offset:offset + buffer.nbytes]
+                offset += buffer.nbytes
+            return
+        done = 0
+        while done < wanted:  # one call returns at most 2 GiB, and a signal may cut it short
+            count = os.preadv(self.fd, _skip(buffers, done), offset + done)
+            if not count:
+                raise ChecksumError(f"the shard file ended at byte {offset + done} while reading it (it shrank: "
+                                    "written while being read?)")
+            done += count
+
+
+def _skip(buffers: list[memoryview], count: int) -> list[memoryview]:
+    """``buffers`` without their first ``count`` bytes."""
+    for i, buffer in enumerate(buffers):
+        if count < buffer.nbytes:
+            return [buffer[count:], *buffers[i + 1:]]
+        count -= buffer.nbytes
+    return []
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _ROWS_PER_TASK = 16
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}

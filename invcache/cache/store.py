@@ -547,16 +547,20 @@ class Cache:
             return np.zeros((0, *self.tap_shape(name)[1:]), self.array(name).dtype)
         return np.concatenate(blocks)
 
-    def read_shard(self, name: str, shard: int, complete: bool | None = None) -> np.ndarray:
+    def read_shard(self, name: str, shard: int, complete: bool | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """All rows of one shard; a tap's decoded in one pass over its file.
 
         ``complete`` (looked up when not given) makes a missing image, file or bookkeeping chunk
         an error rather than zeros, and has a tap's file compared with the digest recorded when
-        the shard completed.
+        the shard completed. ``out``, for a stored tap only: a contiguous buffer of the shard's
+        shape and the tap's dtype to decode into (a reader's recycled one) instead of a new array.
         """
         shard = operator.index(shard)
         if not 0 <= shard < self.num_shards:
             raise UsageError(f"{self.location} has shards 0 to {self.num_shards - 1}, not {shard}")
+        if out is not None and (name == DECODER_INPUT or name not in self.taps):
+            raise UsageError(f"read_shard decodes into out only for a stored tap, not {name}")
         if name == DECODER_INPUT:
             return self.read(name, *self.shard_bounds(shard))
         if name not in self.taps:
@@ -564,17 +568,18 @@ class Cache:
             return self._read_bookkeeping(name, *rows, complete=complete)
         if complete is None:
             complete = self._is_complete(shard)
-        return self.decode_shard(name, shard, complete, self._digest(name, shard) if complete else None)
+        return self.decode_shard(name, shard, complete, self._digest(name, shard) if complete else None, out)
 
-    def decode_shard(self, tap: str, shard: int, complete: bool, digest: int | None) -> np.ndarray:
+    def decode_shard(self, tap: str, shard: int, complete: bool, digest: int | None,
+                     out: np.ndarray | None = None) -> np.ndarray:
         """One tap's shard checked against what the bookkeeping says of it (:meth:`read_shard` looks that up).
 
         ``complete`` makes a missing file or image damage; ``digest``, the one recorded when the
-        shard completed (None: not compared), binds the file to this shard.
+        shard completed (None: not compared), binds the file to this shard; ``out`` as for :meth:`read_shard`.
         """
         start, stop = self.shard_bounds(shard)
         with self._naming_corruption(tap, f" shard {shard}"):
-            return self._codec(tap).decode(shard, stop - start, complete, digest)
+            return self._codec(tap).decode(shard, stop - start, complete, digest, out)
 
     def _read_bookkeeping(self, name: str, start: int, stop: int, complete: bool | None = None) -> np.ndarray:
         """Rows [start, stop) of a bookkeeping array, every chunk they need present.
@@ -602,6 +607,11 @@ class Cache:
 
     def _is_complete(self, shard: int) -> bool:
         return bool(self._read_bookkeeping(S.SHARD_COMPLETE, shard, shard + 1)[0])
+
+    def shard_digests(self, tap: str) -> np.ndarray:
+        """Per shard, the digest of ``tap``'s file recorded when the shard completed (0 where it is not complete):
+        what :meth:`decode_shard` compares, read once for a reader of many shards."""
+        return self._read_bookkeeping(S.SHARD_DIGEST, 0, self.num_shards)[:, self.taps.index(tap)]
 
     def _digest(self, tap: str, shard: int) -> int:
         """The digest of ``tap``'s file of (complete) shard ``shard``, recorded when the shard completed."""

@@ -109,10 +109,12 @@ def finetune(lam: float, folder: Path, state: dict, start: DETR, modules: Mappin
     criterion = SetCriterion(num_classes=detr.config.num_classes).to(device)
     decoder_taps = [T.dec(k) for k in range(1, detr.config.num_decoder_layers + 1)]
 
+    # one reader for every epoch: its buffers are reused
+    batches = CacheBatches(train.location, [INPUT], settings["batch_size"], seed=settings["seed"],
+                           shuffle_window=settings["train_images"]["shuffle_window"], device=device)
     for epoch in range(state["epochs"], epochs):
         started = time.perf_counter()
-        batches = CacheBatches(train.location, [INPUT], settings["batch_size"], seed=settings["seed"], epoch=epoch,
-                               shuffle_window=settings["train_images"]["shuffle_window"], device=device)
+        batches.set_epoch(epoch)
         detr.train()  # for its dropout; its batch norms are frozen statistics
         for module in chain.values():  # B⁻¹'s batch norms keep their trained statistics, as DETR's do
             module.eval()

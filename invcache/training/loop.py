@@ -100,6 +100,7 @@ class TrainRun:
     step: int = 0
     best: float = math.inf
     history: list[dict] = field(default_factory=list)
+    batches: CacheBatches | None = None  # the training reader, built at the first epoch and kept for its buffers
 
     @property
     def taps(self) -> list[str]:
@@ -201,9 +202,12 @@ def train_epoch(run: TrainRun, epoch: int, progress: Callable[[TrainProgress], N
     settings = run.settings
     # No drop_last: every rank holds the same number of rows (equal shares), so the ranks take the
     # same number of steps with their partial last batch too, and no row is skipped.
-    batches = CacheBatches(run.location, run.taps, settings.batch_size, seed=settings.seed, epoch=epoch,
-                           shuffle_window=settings.shuffle_window, rank=run.rank, world=run.world,
-                           decode_threads=settings.decode_threads, device=run.device)
+    if run.batches is None:  # one reader for the run: its shard and batch buffers are reused from epoch to epoch
+        run.batches = CacheBatches(run.location, run.taps, settings.batch_size, seed=settings.seed,
+                                   shuffle_window=settings.shuffle_window, rank=run.rank, world=run.world,
+                                   decode_threads=settings.decode_threads, device=run.device)
+    batches = run.batches
+    batches.set_epoch(epoch)
     steps = len(batches)
     run.trainee.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
