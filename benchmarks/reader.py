@@ -4,14 +4,18 @@ The same activations are stored twice: as ``enc.6``, which the cache stores with
 (:data:`invcache.cache.schema.UNCOMPRESSED`), and as ``backbone.c5``, which keeps Blosc zstd.
 The reader is ``CacheBatches``, as training uses it (``--threads`` decode threads, batches gathered
 into preallocated buffers). The uncompressed tap is compared with a raw np.memmap gather of the same
-bytes (``ratio``, target ≥ 0.5), the compressed one with the codec's own decode speed on the same
+bytes (``ratio``, target ≥ 0.5), and with that gather followed by a crc32c of every gathered row
+in ``--threads`` threads (``ratio_to_checked_memmap``: what checking every byte read, as the reader
+does and no memmap does, costs a simple reader); the compressed one with the codec's own decode
+speed on the same
 chunks (``ratio_to_codec``, target ≥ 0.8): numcodecs' Blosc decompressing every stored chunk in
 ``--threads`` threads (Blosc releases the GIL), and nothing else. Two more figures say where the
 time goes: ``decode``, every shard decoded whole by ``Cache.read_shard`` (file read, crc32c of every
 chunk, the codec) in ``--threads`` threads with nothing else, which bounds any reader built on it
 (``ratio_to_decode``); and the per-sample ``CacheSamples`` of before, with the same decode threads
 and, with ``--num-workers`` above 0, through a DataLoader with that many worker processes. All read
-a warm page cache; each figure is the best of three epochs.
+a warm page cache; each figure is the best of three epochs, and each reader is one
+``CacheBatches`` for all of them (``set_epoch``), as training uses it, so its buffers are reused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from crc32c import crc32c
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import report, setup  # noqa: E402
@@ -75,6 +80,19 @@ def main() -> None:
                 torch.from_numpy(raw[np.sort(order[i:i + args.batch_size])])
             return time.perf_counter() - started
 
+        def checked_memmap_epoch(_: int) -> float:
+            """The memmap gather, each gathered row then checked with crc32c in ``--threads`` threads: what a reader
+            that checks every byte it reads could not beat."""
+            order = rng.permutation(args.images)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.threads) as pool:
+                for i in range(0, args.images, args.batch_size):
+                    batch = raw[np.sort(order[i:i + args.batch_size])]
+                    for _ in pool.map(crc32c, batch, chunksize=max(1, len(batch) // args.threads)):
+                        pass
+                    torch.from_numpy(batch)
+            return time.perf_counter() - started
+
         codec = ShardCodec(cache.array(COMPRESSED))
         assert codec.blosc is not None and ShardCodec(cache.array(RAW)).blosc is None
         chunks = [chunk for s in range(cache.num_shards) for chunk in stored_chunks(codec, root / "cache", s)]
@@ -117,7 +135,8 @@ def main() -> None:
             return min(run(epoch) for epoch in range(REPEATS))
 
         memmap_epoch(-1)
-        seconds = {"memmap": best(memmap_epoch), "codec": best(codec_pass)}
+        seconds = {"memmap": best(memmap_epoch), "checked_memmap": best(checked_memmap_epoch),
+                   "codec": best(codec_pass)}
         for tap, name in ((RAW, "raw"), (COMPRESSED, "compressed")):
             seconds[f"{name}_decode"] = best(lambda _, tap=tap: decode_pass(tap))
             seconds[f"{name}_batches"] = best(lambda epoch, tap=tap: batches_epoch(tap, epoch))
@@ -133,6 +152,7 @@ def main() -> None:
     report("reader", images=args.images, batch_size=args.batch_size, threads=args.threads,
            num_workers=args.num_workers, mb_s={name: round(nbytes / value / 1e6, 1) for name, value in seconds.items()},
            ratio=ratio("memmap", "raw_batches"), target=0.5,
+           ratio_to_checked_memmap=ratio("checked_memmap", "raw_batches"),
            ratio_to_codec=ratio("codec", "compressed_batches"), target_to_codec=0.8,
            ratio_to_decode={"raw": ratio("raw_decode", "raw_batches"),
                             "compressed": ratio("compressed_decode", "compressed_batches")},

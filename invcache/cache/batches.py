@@ -26,7 +26,7 @@ batch computes but lets each shard's rows be gathered in one call. The batches a
 function of (seed, epoch, shuffle window, shard size, batch size, rank, world) alone;
 ``decode_threads`` and ``prefetch`` change only the speed.
 
-A producer thread decodes whole shards (``Cache.read_shard``: one read of the file, every
+A producer thread decodes whole shards (``Cache.decode_shard``: one read of the file, every
 chunk's crc32c and the shard's digest checked) in a pool of ``decode_threads`` threads, the
 windows the current batch reads and the next ones, and gathers each batch with one
 ``numpy.take`` per (shard, tap) into one of ``prefetch + 1`` preallocated batch buffers (pinned
@@ -34,7 +34,9 @@ with ``pin_memory``: by default when ``device``, where the consumer copies batch
 device, or without ``device`` when CUDA is available). File reads, Blosc, crc32c and the
 gathers release the GIL; no Python runs per sample. Memory: the decoded shards of the window in
 use, of one more while a batch straddles two, and of the ``ceil(decode_threads / shards per window)``
-windows read ahead; and the batch buffers.
+windows read ahead; and the batch buffers. Shards decode into buffers that are reused once released,
+and the reader keeps them and the batch buffers for its next epoch (:meth:`CacheBatches.set_epoch`:
+one reader serves a whole run), since a new buffer costs a page fault per 4 KiB on its first write.
 
 A batch is a dict of the requested taps (stored dtypes: float16, uint8; ``dec.0`` is zeros)
 and ``image_id`` (int64), tensors that **are the reader's buffers**: valid until the next batch

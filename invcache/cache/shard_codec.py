@@ -10,8 +10,10 @@ with numcodecs called directly (it releases the GIL, so writer threads compress 
 parallel). The tests read every written shard back through zarr as well.
 
 Reading a whole shard has the same problem (zarr decodes at about a third of Blosc's
-speed), so :meth:`ShardCodec.decode` reads the file once, checks the index's and every
-chunk's crc32c and decompresses the chunks directly.
+speed), so :meth:`ShardCodec.decode` reads the index, checks it, and then reads the chunks
+itself: compressed ones by reading the file once and decompressing each checked chunk into its
+row, raw ones by vectored reads straight into their rows (and their crc32c into an array beside),
+so each byte is copied once before its check.
 
 Every chunk's crc32c still passes when a whole valid shard file sits at the wrong place (moved,
 swapped with another shard's, or replaced by another cache's), so :meth:`ShardCodec.write`
