@@ -71,6 +71,36 @@ def test_writers_write_whole_shards_and_sum_the_valid_inputs(cache):
     assert not stored[~valid].any()
 
 
+def test_shard_blocks_are_reused_and_a_reused_block_leaves_nothing_of_its_last_shard(tmp_path):
+    cache = Cache.create(tmp_path / "c", num_images=14, tap_shapes={"enc.0": (2, 3), "input": (4, 4, 3)},
+                         shard_size=3)
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(1, 256, (14, 4, 4, 3), dtype=np.uint8)  # no zero pixel: a stale row would show
+    enc = rng.standard_normal((14, 2, 3)).astype(np.float16) + 8
+    valid = rng.random(14) > 0.3
+    assembler = ShardAssembler(cache, list(range(14)), {"enc.0": (2, 3), "input": (4, 4, 3)})
+    taken = []
+    take = assembler.storage.take
+    assembler.storage.take = lambda: taken.append(block := take()) or block
+    with ShardWriters(cache, writers=1) as writers:
+        for rows in ([0, 1], [2, 3, 4], [5], [6, 7, 8, 9], [10, 11, 12, 13]):
+            for buffer in assembler.place(batch(rows, rows, valid[rows].tolist()),
+                                          {"enc.0": enc[rows], "input": inputs[rows]}):
+                writers.submit(buffer)
+        writers.drain()
+    assert len(taken) == 5 and len({id(block) for block in taken}) < 5, "the blocks of written shards come back"
+    np.testing.assert_array_equal(cache.array("input")[:][valid], inputs[valid])
+    np.testing.assert_array_equal(cache.array("enc.0")[:][valid], enc[valid])
+    assert not cache.array("input")[:][~valid].any() and not cache.array("enc.0")[:][~valid].any()
+
+
+def test_a_row_that_arrives_twice_is_refused(cache):
+    assembler = ShardAssembler(cache, [10, 11, 12, 13, 14, 15, 16], {"enc.0": (2, 3)})
+    assembler.place(batch([0, 1], [10, 11]), {"enc.0": np.zeros((2, 2, 3), np.float16)})
+    with pytest.raises(InvcacheError, match="row 1 arrived twice"):
+        assembler.place(batch([1, 2], [11, 12]), {"enc.0": np.zeros((2, 2, 3), np.float16)})
+
+
 class FakeModel(torch.nn.Module):
     """Returns ``enc.0`` rows filled with each image's first pixel, so placement can be checked per row."""
 
