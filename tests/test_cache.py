@@ -204,11 +204,16 @@ def test_encoder_taps_are_stored_without_a_compressor_and_plain_zarr_reads_every
 
 
 def test_a_cache_made_before_per_tap_codecs_still_opens_and_verifies(tmp_path, monkeypatch):
-    with monkeypatch.context() as patch:  # every tap compressed, as caches were made before
+    with monkeypatch.context() as patch:  # every tap compressed, bit-shuffled in Blosc's blocks, as caches were made
         patch.setattr(S, "UNCOMPRESSED", ())
+        patch.setattr(S, "BLOSC_SHUFFLE", "bitshuffle")
+        patch.setattr(S, "BLOSC_BLOCKSIZE", 0)
         cache = Cache.create(tmp_path / "old", num_images=2, tap_shapes={"enc.1": (6, 8)}, shard_size=2)
     group = zarr.open_group(tmp_path / "old", mode="r+")
-    group.attrs["codec"] = {k: v for k, v in group.attrs["codec"].items() if k not in ("uncompressed", "input")}
+    group.attrs["codec"] = {k: v for k, v in group.attrs["codec"].items()
+                            if k not in ("uncompressed", "input", "blocksize")}
+    assert group.attrs["codec"]["shuffle"] == "bitshuffle"
+    assert cache.array("enc.1").compressors[0].shuffle.value == "bitshuffle"
     rows = np.ones((2, 6, 8), np.float16)
     meta = S.empty_bookkeeping(2)
     meta[S.IMAGE_ID][:], meta[S.VALID][:] = [1, 2], True

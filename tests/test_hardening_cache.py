@@ -261,10 +261,12 @@ METADATA_DAMAGE = {
                           "input/zarr.json", r"rows of shape \(64, 96, 3\)"),
     "edited keepbits": (lambda c: edit_root_attributes(c, lambda a: a["codec"].update(keepbits=6, uncompressed=[])),
                         "enc/0/zarr.json", "BitRound keepbits None, but codec.keepbits is 6"),
-    "deleted uncompressed": (lambda c: edit_root_attributes(c, lambda a: [a["codec"].pop(k) for k in ("uncompressed",
-                                                                                                       "input")]),
+    # the record of the oldest caches (every tap with Blosc, bit-shuffled) over arrays stored raw
+    "deleted uncompressed": (lambda c: edit_root_attributes(c, lambda a: [a["codec"].pop(k) for k in (
+                                 "uncompressed", "input", "blocksize")] and a["codec"].update(shuffle="bitshuffle")),
                             "enc/0/zarr.json", r"no compressor, but codec.uncompressed is \[\]"),
-    "deleted input codec": (lambda c: edit_root_attributes(c, lambda a: a["codec"].pop("input")),
+    "deleted input codec": (lambda c: edit_root_attributes(c, lambda a: [a["codec"].pop(k) for k in (
+                                "input", "blocksize")] and a["codec"].update(shuffle="bitshuffle")),
                             "input/zarr.json", "an image codec, but the codec record has no input codec"),
     "only the input codec kept": (lambda c: edit_root_attributes(c, lambda a: a["codec"].pop("uncompressed")),
                                   "zarr.json", "not a record of the cache's codec"),

@@ -2,9 +2,9 @@
 
 A cache is one zarr v3 group. Each tap is an array at ``tap_path(tap)``: (N, T, C) float16,
 or (N, H, W, 3) uint8 for ``input``; one image per chunk, ``shard_size`` images per shard,
-Blosc zstd with bit-shuffle and a crc32c checksum on every chunk, except that the taps of
-:data:`UNCOMPRESSED` are stored without a compressor in a lossless cache (the crc32c kept): Blosc
-saves too little on them to be worth its decode time; and ``input`` is stored with lossless JPEG XL
+Blosc zstd (byte-shuffled, one block per chunk) and a crc32c checksum on every chunk, except that
+the taps a lossless cache's codec record lists as ``uncompressed`` are stored without a compressor
+(the crc32c kept): Blosc saves too little on them to be worth its decode time; and ``input`` is stored with lossless JPEG XL
 (:mod:`invcache.cache.image_codec`) and its crc32c, in every cache. Beside the taps:
 
 - ``image_id`` (N,) int64, ascending COCO ids;
@@ -34,6 +34,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 import zarr
+from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from invcache.cache.image_codec import JpegXlCodec
@@ -43,15 +44,24 @@ from invcache.taps import BACKBONE_C5, HEAD_BOXES, HEAD_LOGITS, INPUT, layer_ind
 SCHEMA_VERSION = 2
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 1
+# Shuffled by bytes (2-byte fp16 elements: the high bytes, sign and exponent, apart from the low mantissa
+# bytes) and one Blosc block per chunk up to 1 MiB, so zstd sees a whole row at once. Measured on every tap
+# of DETR-R50 at 480x640 (benchmarks/codecs.py): activations 1.18 MB an image against 1.23 with bit-shuffle
+# and Blosc's own block size, decoding 1.2-2.0 GB/s a core instead of 0.6-1.4; with --keepbits the same
+# as bit-shuffle to 1% (the rounded-off mantissa bits are in the low bytes).
+BLOSC_SHUFFLE = "shuffle"
+BLOSC_BLOCKSIZE = 1 << 20
 FLOAT_DTYPE = np.float16
-# A tap Blosc shrinks by less than this is stored without a compressor in a lossless cache (SPEC §3): the
-# bytes saved do not pay for the decoding (about 1 GB/s a core, where reading a raw row is a copy).
-# Extraction measures each tap on its first batch (invcache.cache.codec_choice); caches created without
-# data (Cache.create alone) use UNCOMPRESSED, what benchmarks/codecs.py measured on DETR-R50 at 480x640:
-# the encoder outputs, LayerNorm'd fp16 values that compress 1.04-1.08x, while the decoder outputs
-# (1.45-1.53x), the class logits (1.57x), head.boxes (4x) and backbone.c5 (post-ReLU zeros) keep Blosc. With
-# --keepbits the rounded mantissas compress, and every tap keeps Blosc.
-COMPRESSION_WORTHWHILE = 1.1
+# A tap Blosc shrinks by less than this is stored without a compressor in a lossless cache (SPEC §3, "about
+# 1.1x"): the bytes saved do not pay for the decoding (1.2-2 GB/s a core, where reading a raw row is a copy).
+# Extraction measures each tap on its first batch (invcache.cache.codec_choice). On DETR-R50 at 480x640 the
+# encoder outputs, LayerNorm'd fp16 values, compress 1.100-1.104x (1.04-1.08 with bit-shuffle), the decoder
+# outputs 1.56-1.63x, the class logits 1.67x, head.boxes 4x: with the bound at 1.08 they are all compressed,
+# and the activations take 1.18 MB an image (SPEC §8: at most 1.2) rather than 1.28 with the encoder raw.
+# Rows of a few KB (the embedded default) do not compress and are stored raw. With --keepbits the rounded
+# mantissas compress, and every tap keeps Blosc. Caches created without data (Cache.create alone) store
+# UNCOMPRESSED raw: what earlier versions measured, kept as the default of that API.
+COMPRESSION_WORTHWHILE = 1.08
 UNCOMPRESSED = ("enc.*",)
 # The patterns records of earlier caches may hold under "uncompressed" (every version's default).
 _UNCOMPRESSED_PATTERNS = ("enc.*", "dec.*")
@@ -106,16 +116,22 @@ def codec_record(keepbits: int | None, uncompressed: Sequence[str] | None = None
     if keepbits is not None:
         uncompressed = []
     return {
-        "name": "blosc", "cname": BLOSC_CNAME, "clevel": BLOSC_CLEVEL, "shuffle": "bitshuffle",
-        "checksum": "crc32c", "keepbits": keepbits,
+        "name": "blosc", "cname": BLOSC_CNAME, "clevel": BLOSC_CLEVEL, "shuffle": BLOSC_SHUFFLE,
+        "blocksize": BLOSC_BLOCKSIZE, "checksum": "crc32c", "keepbits": keepbits,
         "uncompressed": list(UNCOMPRESSED if uncompressed is None else uncompressed), "input": INPUT_CODEC.to_dict(),
     }
 
 
+def blosc() -> Blosc:
+    """The cache's Blosc as numcodecs', for measuring what it achieves (the element size is the rows' itemsize)."""
+    return Blosc(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=Blosc.SHUFFLE, blocksize=BLOSC_BLOCKSIZE)
+
+
 # The keys codec_record gained after the first caches, newest first: a cache made before a key existed has a
-# record without it and every later one (without "input": input with Blosc; without "uncompressed": every tap
-# with Blosc).
-_LATER_CODEC_KEYS = ("input", "uncompressed")
+# record without it and every later one (without "blocksize": Blosc bit-shuffled, in blocks of its choosing;
+# without "input": input with Blosc; without "uncompressed": every tap with Blosc).
+_LATER_CODEC_KEYS = ("blocksize", "input", "uncompressed")
+_BEFORE_BLOCKSIZE = {"shuffle": "bitshuffle"}
 
 
 def is_codec_record(codec: object) -> bool:
@@ -131,6 +147,8 @@ def is_codec_record(codec: object) -> bool:
     record = codec_record(keepbits, uncompressed)
     for key in (None, *_LATER_CODEC_KEYS):
         record = {k: v for k, v in record.items() if k != key}
+        if key == "blocksize":
+            record.update(_BEFORE_BLOCKSIZE)
         if codec == record:
             return True
     return False
@@ -197,7 +215,8 @@ def tap_codecs(tap: str, codec: Mapping) -> dict:
     compressors = [Crc32cCodec()]
     keepbits = codec["keepbits"]
     if compressed(tap, codec):
-        compressors.insert(0, BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle.bitshuffle))
+        compressors.insert(0, BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=BloscShuffle(BLOSC_SHUFFLE),
+                                         blocksize=BLOSC_BLOCKSIZE))
     filters = []
     if keepbits is not None and tap != INPUT:
         from zarr.codecs.numcodecs import BitRound
