@@ -34,6 +34,7 @@ import invcache.forward  # noqa: E402
 from invcache import build_detr, forward_taps  # noqa: E402
 from invcache.cache import schema as S  # noqa: E402
 from invcache.cache import shard_codec  # noqa: E402
+from invcache.cache.codec_choice import choose_uncompressed  # noqa: E402
 from invcache.cache.store import Cache  # noqa: E402
 from invcache.data import parse_size  # noqa: E402
 from invcache.extraction import loop  # noqa: E402
@@ -124,8 +125,10 @@ def main() -> None:
     clock.wrap(shard_codec, "crc32c", "crc32c checksums")
     invcache.forward.normalize = lambda images: images  # the GPU's work on the GPU path
     with tempfile.TemporaryDirectory() as tmp:
+        # the codecs extraction would choose for these taps (measured on the batch, as on a split's first)
         cache = Cache.create(Path(tmp) / "cache", num_images=args.images, shard_size=args.shard_size,
-                             tap_shapes={t: tuple(v.shape[1:]) for t, v in real.items()})
+                             tap_shapes={t: tuple(v.shape[1:]) for t, v in real.items()},
+                             uncompressed=choose_uncompressed({t: v.numpy() for t, v in real.items()}))
         stream = list(batches())
         before, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         loop.run_extraction(cache, iter(stream), list(range(1, args.images + 1)), noop, taps, None, args.writers)

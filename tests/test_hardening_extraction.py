@@ -340,7 +340,7 @@ def test_a_shard_size_beyond_the_image_count_is_clamped_and_the_same_command_res
 
 def test_the_estimate_counts_every_shard_index():
     shapes = {"enc.0": (6, 64), "input": (64, 96, 3)}
-    data = int((6 * 64 * 2 / run.FLOAT_COMPRESSION_ESTIMATE + 64 * 96 * 3) * 10)
+    data = (6 * 64 * 2 + 4 + 64 * 96 * 3 + 4) * 10  # raw rows, each chunk with its crc32c
     # 10 images in shards of 4: three shards, each with a 4-entry index and its checksum, per tap
     assert estimate_bytes(shapes, 10, 4) == data + 3 * (16 * 4 + 4) * 2
     # an index sized for 100 000 images per shard dwarfs the data: the estimate says so
