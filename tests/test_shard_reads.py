@@ -11,6 +11,7 @@ from crc32c import crc32c
 
 from invcache.cache import schema as S
 from invcache.cache.batches import CacheBatches
+from invcache.cache.inspect import verify_cache
 from invcache.cache.shard_codec import ShardCodec
 from invcache.cache.store import Cache, CacheCorruptError
 from invcache.errors import UsageError
@@ -181,3 +182,39 @@ def test_two_iterations_of_one_reader_at_once_do_not_share_buffers(cache):
                 assert tensor.equal(expected[epoch][len(got[epoch]) - 1][name]), (epoch, name)
     got[1].append(next(second))
     assert all(got[1][-1][k].equal(expected[1][3][k]) for k in got[1][-1])
+
+
+def rewrite_index(path: Path, chunks_per_shard: int, edit) -> None:
+    """Rewrite a shard file's index through ``edit(index)`` (a (chunks, 2) uint64 array), its crc32c recomputed."""
+    data = path.read_bytes()
+    tail = chunks_per_shard * 16 + 4
+    index = np.frombuffer(data[-tail:-4], "<u8").reshape(-1, 2).copy()
+    edit(index)
+    path.write_bytes(data[:-tail] + index.tobytes() + np.uint32(crc32c(index.tobytes())).tobytes())
+
+
+@pytest.mark.parametrize("tap", list(SHAPES))
+@pytest.mark.parametrize("entry", [(1 << 63, 8), (2**64 - 2, 100), (10**6, 8)])
+def test_an_index_entry_past_the_shards_rows_that_lies_outside_the_file_is_damage(cache, tap, entry):
+    """The last shard holds one image of three; the digest reads the checksum of every entry the index lists."""
+    path = Path(cache.location) / S.array_path(tap) / "c" / "2" / "0" / "0"
+    path = path / "0" if tap == "input" else path
+    rewrite_index(path, 3, lambda index: index.__setitem__(2, entry))
+    with pytest.raises(CacheCorruptError, match=rf"array {S.array_path(tap)} shard 2 does not verify \(ChecksumError: "
+                                                r"image 2 of the shard lies outside the file\)"):
+        cache.read_shard(tap, 2)
+    assert any("image 2 of the shard lies outside the file" in p for p in verify_cache(cache.location))
+
+
+def test_a_blosc_chunk_whose_header_claims_more_bytes_than_it_has_is_damage(tmp_path):
+    """A valid crc32c over a 16-byte Blosc header that says "memcpyed, 1 MiB": Blosc would read past the chunk."""
+    cache = Cache.create(tmp_path / "c", num_images=1, tap_shapes={"dec.1": (512, 1024)}, shard_size=1)
+    nbytes = 512 * 1024 * 2
+    chunk = bytes([2, 1, 0x02, 2]) + nbytes.to_bytes(4, "little") * 2 + (16 + nbytes).to_bytes(4, "little")
+    index = np.array([[0, len(chunk) + 4]], "<u8").tobytes()
+    path = tmp_path / "c" / "dec" / "1" / "c" / "0" / "0" / "0"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(chunk + np.uint32(crc32c(chunk)).tobytes() + index + np.uint32(crc32c(index)).tobytes())
+    with pytest.raises(CacheCorruptError, match=r"array dec/1 shard 0 does not verify \(ChecksumError: image 0 of the "
+                                                r"shard is 16 bytes, but its Blosc header says 1048592\)"):
+        cache.read_shard("dec.1", 0, complete=False)

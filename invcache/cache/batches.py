@@ -146,6 +146,7 @@ class CacheBatches:
         self.total = sum(len(rows) for rows in self.valid_rows.values())
         self.window_shards = max(1, math.ceil(shuffle_window / self.shard_size)) if shuffle else 1
         self._kept: _Buffers | None = None  # batch slots and shard buffers, reused from epoch to epoch
+        self._kept_lock = threading.Lock()  # iterations started on several threads take them once
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch ``epoch`` next (as DistributedSampler's): one reader for a whole run keeps its buffers."""
@@ -211,7 +212,9 @@ class CacheBatches:
         if not plan.batches:
             return
         # this reader's buffers, unless another iteration of it holds them: that one's are its own
-        buffers, self._kept = self._kept or _Buffers([self._buffers() for _ in range(self.prefetch + 1)]), None
+        with self._kept_lock:
+            buffers, self._kept = self._kept, None
+        buffers = buffers or _Buffers([self._buffers() for _ in range(self.prefetch + 1)])
         free: queue.SimpleQueue = queue.SimpleQueue()  # (slot, CUDA event to wait for) or None: stop
         ready: queue.SimpleQueue = queue.SimpleQueue()  # (slot, rows) or the exception that ended the producer
         for slot in buffers.slots:
@@ -236,7 +239,8 @@ class CacheBatches:
             producer.join()
             # kept for the next epoch; its first refills wait for the copies the consumer has queued so far
             buffers.copies = self._copies_done() if self.pin_memory else None
-            self._kept = buffers
+            with self._kept_lock:
+                self._kept = buffers
 
     def _copies_done(self) -> torch.cuda.Event:
         """An event after the work queued so far on the current stream of ``device`` (the consumer's copies)."""

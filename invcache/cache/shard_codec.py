@@ -173,16 +173,19 @@ class ShardCodec:
         return index_bytes
 
     def _present(self, index: np.ndarray, rows: int, complete: bool, data_size: int) -> np.ndarray:
-        """Which of the first ``rows`` images the index lists, each checked to lie inside the data (and, stored raw,
-        to be its row's size)."""
-        offsets, lengths = index[:rows, 0], index[:rows, 1]
-        present = offsets != _EMPTY
+        """Which of the first ``rows`` images the index lists; every listed chunk is checked to lie inside the data
+        and, stored raw, each of the first ``rows`` to be its row's size."""
+        offsets, lengths = index[:, 0], index[:, 1]
+        listed = offsets != _EMPTY
+        present = listed[:rows]
         if complete and not present.all():
             raise ChecksumError(f"image {int(np.argmin(present))} of a complete shard is missing")
-        # (offset + length could wrap in uint64: compare offset with what is left after length instead)
-        outside = present & ((lengths < 4) | (lengths > data_size) | (offsets > data_size - np.minimum(lengths, data_size)))
+        # Every entry the index lists, those past ``rows`` too (the digest reads their checksums). offset + length
+        # could wrap in uint64: offset is compared with what is left after length instead.
+        outside = listed & ((lengths < 4) | (lengths > data_size) | (offsets > data_size - np.minimum(lengths, data_size)))
         if outside.any():
             raise ChecksumError(f"image {int(np.argmax(outside))} of the shard lies outside the file")
+        lengths = lengths[:rows]
         if self.blosc is None and self.image is None:
             # A chunk whose checksum holds but whose size is another (a chunk of another array) would fill the row
             # only in part.
@@ -234,9 +237,11 @@ class ShardCodec:
                     raise ChecksumError(f"image {i} of the shard is not a JPEG XL image of its row's shape "
                                         f"{self.row_shape} ({exc})") from None
                 continue
-            size = _blosc_nbytes(chunk)
+            size, stored = _blosc_sizes(chunk)
             if size != out[i].nbytes:
                 raise ChecksumError(f"image {i} of the shard decodes to {size} bytes, not its row's {out[i].nbytes}")
+            if stored != len(chunk):  # Blosc would read as many bytes as its header says, past the chunk
+                raise ChecksumError(f"image {i} of the shard is {len(chunk)} bytes, but its Blosc header says {stored}")
             self.blosc.decode(chunk, out=out[i].reshape(-1).view(np.uint8))
         return checksums
 
@@ -256,7 +261,7 @@ class ShardCodec:
             yield None if buffer is None else _ShardFile(np.frombuffer(buffer.to_bytes(), np.uint8))
             return
         try:
-            fd = os.open(Path(store.root) / key, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(Path(store.root) / key, os.O_RDONLY)
         except FileNotFoundError:
             yield None
             return
@@ -291,9 +296,12 @@ def shard_digest(chunk_checksums: list[bytes], index: bytes) -> int:
     return crc32c(b"".join(chunk_checksums) + index)
 
 
-def _blosc_nbytes(chunk: np.ndarray) -> int:
-    """The uncompressed size a Blosc chunk's 16-byte header declares (bytes 4-7, little-endian); -1 if it has none."""
-    return int.from_bytes(chunk[4:8].tobytes(), "little") if len(chunk) >= 16 else -1
+def _blosc_sizes(chunk: np.ndarray) -> tuple[int, int]:
+    """The uncompressed and compressed sizes a Blosc chunk's 16-byte header declares (bytes 4-7 and 12-15,
+    little-endian); -1 for both if it has none."""
+    if len(chunk) < 16:
+        return -1, -1
+    return int.from_bytes(chunk[4:8].tobytes(), "little"), int.from_bytes(chunk[12:16].tobytes(), "little")
 
 
 class ChecksumError(ValueError):
