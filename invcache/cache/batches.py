@@ -297,8 +297,10 @@ class CacheBatches:
                 for tap, buffer in shard[2].items():
                     spare.setdefault(tap, []).append(buffer)
 
-    def _submit(self, pool: ThreadPoolExecutor, shard: int, taps: list[str], spare: dict[str, list[np.ndarray]]) -> list:
-        """Start decoding ``shard``'s ``taps`` into spare buffers (new ones where none is spare): its ``live`` record."""
+    def _submit(self, pool: ThreadPoolExecutor, shard: int, taps: list[str],
+                spare: dict[str, list[np.ndarray]]) -> list:
+        """Start decoding ``shard``'s ``taps`` into spare buffers (new ones where none is spare): its ``live``
+        record."""
         rows = operator.sub(*reversed(self.cache.shard_bounds(shard)))
         buffers = {tap: spare[tap].pop() if spare.get(tap) else
                    np.empty((self.shard_size, *self.row_shapes[tap]), self.stored_dtypes[tap]) for tap in taps}

@@ -4,8 +4,9 @@ A cache is one zarr v3 group. Each tap is an array at ``tap_path(tap)``: (N, T, 
 or (N, H, W, 3) uint8 for ``input``; one image per chunk, ``shard_size`` images per shard,
 Blosc zstd (byte-shuffled, one block per chunk) and a crc32c checksum on every chunk, except that
 the taps a lossless cache's codec record lists as ``uncompressed`` are stored without a compressor
-(the crc32c kept): Blosc saves too little on them to be worth its decode time; and ``input`` is stored with lossless JPEG XL
-(:mod:`invcache.cache.image_codec`) and its crc32c, in every cache. Beside the taps:
+(the crc32c kept): Blosc saves too little on them to be worth its decode time; and ``input`` is
+stored with lossless JPEG XL (:mod:`invcache.cache.image_codec`) and its crc32c, in every cache.
+Beside the taps:
 
 - ``image_id`` (N,) int64, ascending COCO ids;
 - ``orig_size`` (N, 2) int32, (H, W) before resizing;

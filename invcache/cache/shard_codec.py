@@ -182,7 +182,8 @@ class ShardCodec:
             raise ChecksumError(f"image {int(np.argmin(present))} of a complete shard is missing")
         # Every entry the index lists, those past ``rows`` too (the digest reads their checksums). offset + length
         # could wrap in uint64: offset is compared with what is left after length instead.
-        outside = listed & ((lengths < 4) | (lengths > data_size) | (offsets > data_size - np.minimum(lengths, data_size)))
+        outside = listed & ((lengths < 4) | (lengths > data_size)
+                            | (offsets > data_size - np.minimum(lengths, data_size)))
         if outside.any():
             raise ChecksumError(f"image {int(np.argmax(outside))} of the shard lies outside the file")
         lengths = lengths[:rows]
