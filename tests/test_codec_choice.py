@@ -76,6 +76,9 @@ def test_codec_records_with_measured_lists_are_valid_and_edited_ones_are_not():
     assert S.is_codec_record(earlier) and S.is_codec_record({k: v for k, v in earlier.items() if k != "input"})
     assert not S.is_codec_record({**S.codec_record(None), "shuffle": "bitshuffle"}), "a block size is byte shuffle's"
     assert not S.is_codec_record({k: v for k, v in S.codec_record(None).items() if k != "blocksize"})
+    # equal to Python but not the record the cache writes: a float block size, a boolean level
+    assert not S.is_codec_record({**S.codec_record(None), "blocksize": float(S.BLOSC_BLOCKSIZE)})
+    assert not S.is_codec_record({**S.codec_record(None), "clevel": True})
     for bad in (["enc.1", "enc.1"], ["../x"], ["input"], [3], "enc.*", ["enc.1" + "0" * 20]):
         record = {**S.codec_record(None), "uncompressed": bad}
         assert not S.is_codec_record(record), bad

@@ -99,6 +99,9 @@ def test_a_row_that_arrives_twice_is_refused(cache):
     assembler.place(batch([0, 1], [10, 11]), {"enc.0": np.zeros((2, 2, 3), np.float16)})
     with pytest.raises(InvcacheError, match="row 1 arrived twice"):
         assembler.place(batch([1, 2], [11, 12]), {"enc.0": np.zeros((2, 2, 3), np.float16)})
+    assembler.place(batch([2], [12]), {"enc.0": np.zeros((1, 2, 3), np.float16)})  # shard 0 whole
+    with pytest.raises(InvcacheError, match=r"row 0 arrived twice \(its shard 0 is whole already\)"):
+        assembler.place(batch([0], [10]), {"enc.0": np.zeros((1, 2, 3), np.float16)})
 
 
 class FakeModel(torch.nn.Module):

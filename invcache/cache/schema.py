@@ -29,6 +29,7 @@ Every array carries ``dimension_names`` and a ``description`` attribute (taps al
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -150,9 +151,13 @@ def is_codec_record(codec: object) -> bool:
         record = {k: v for k, v in record.items() if k != key}
         if key == "blocksize":
             record.update(_BEFORE_BLOCKSIZE)
-        if codec == record:
+        if _canonical(codec) == _canonical(record):  # not ==, for which 1.0 and True are the integer 1
             return True
     return False
+
+
+def _canonical(record: dict) -> str:
+    return json.dumps(record, sort_keys=True)
 
 
 def _is_uncompressed_list(value: object) -> bool:

@@ -144,6 +144,7 @@ class ShardAssembler:
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
         self.storage = ShardStorage(cache.shard_size, tap_shapes)
         self.pending: dict[int, ShardBuffer] = {}
+        self.whole: set[int] = set()  # shards handed out: a row of one arriving again is an error, not a new shard
 
     def place(self, batch: dict, arrays: dict[str, np.ndarray]) -> list[ShardBuffer]:
         valid = batch["valid"].numpy().astype(bool)
@@ -158,6 +159,8 @@ class ShardAssembler:
         whole = []
         for first, last in _runs(batch_rows, self.cache.shard_size):
             shard = int(batch_rows[first]) // self.cache.shard_size
+            if shard in self.whole:
+                raise InvcacheError(f"row {int(batch_rows[first])} arrived twice (its shard {shard} is whole already)")
             if shard not in self.pending:
                 self.pending[shard] = ShardBuffer(shard, *self.cache.shard_bounds(shard), self.storage)
             buffer = self.pending[shard]
@@ -175,6 +178,7 @@ class ShardAssembler:
             buffer.arrived[rows] = True
             if buffer.whole:
                 whole.append(self.pending.pop(shard))
+                self.whole.add(shard)
         return whole
 
 
